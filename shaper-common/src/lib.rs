@@ -1,0 +1,17 @@
+//! Types shared between the XDP program and the daemon, and the pure admission logic.
+//!
+//! Everything here is `no_std`, integer-only and panic-free: the eBPF program calls these
+//! functions, and the host tests (unit and property tests) check their invariants.
+#![no_std]
+
+#[cfg(any(test, feature = "user"))]
+extern crate std;
+
+pub mod budget;
+pub mod group;
+pub mod maps;
+pub mod reason;
+
+pub use budget::{Budget, TatCell, Take, Verdict, admit};
+pub use group::{group_v4, group_v6};
+pub use reason::{Outcome, Reason};
