@@ -1,1 +1,6 @@
+//! Privileged test support: the real XDP program under BPF_PROG_TEST_RUN, packet
+//! builders, and the network-namespace testbed with its traffic generators (reused by
+//! `cargo xtask demo` and `cargo xtask bench`).
 
+pub mod packets;
+pub mod progrun;

@@ -1,0 +1,45 @@
+//! The program's maps. Names and layouts are in `shaper_common::maps`, which the daemon
+//! uses too; sizes here are defaults the loader may raise before load.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+};
+use shaper_common::{
+    Reason,
+    maps::{
+        GroupKey, GroupState, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, PORTS, PrefixV4, PrefixV6,
+        RuleBudget, RuleEntry, RuleStats,
+    },
+};
+
+/// Source IPv4 prefix → rule (protected prefixes are entries with the PROTECTED flag).
+/// Written by the daemon; sized for rules plus protected prefixes.
+#[map]
+pub static RULES_V4: LpmTrie<PrefixV4, RuleEntry> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+
+/// Source IPv6 prefix → rule. Written by the daemon.
+#[map]
+pub static RULES_V6: LpmTrie<PrefixV6, RuleEntry> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+
+/// TCP destination port → 1 if protected. Written by the daemon; one entry per port so
+/// the lookup is a constant-time (inlined) array access.
+#[map]
+pub static PROTECTED_PORTS: Array<u32> = Array::with_max_entries(PORTS, 0);
+
+/// (rule, masked source) → the group's shared budget word. Written by the program from
+/// every CPU (compare-and-swap); LRU-bounded.
+#[map]
+pub static GROUPS: LruHashMap<GroupKey, GroupState> = LruHashMap::with_max_entries(MAX_GROUPS, 0);
+
+/// Rule id → the rule's ceiling budget word. Written by the program (compare-and-swap).
+#[map]
+pub static RULE_BUDGETS: Array<RuleBudget> = Array::with_max_entries(MAX_RULES, 0);
+
+/// Rule id → that rule's counters on this CPU. Written by the program, read by the daemon.
+#[map]
+pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+/// Reason → packets on this CPU. Written by the program, read by the daemon.
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

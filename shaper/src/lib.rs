@@ -1,0 +1,10 @@
+//! shaper: an XDP new-connection shaper. The binary (`main.rs`) is the daemon and the
+//! CLI; this library holds their parts so the privileged tests can use the same code.
+
+pub mod attach;
+pub mod counters;
+pub mod dataplane;
+pub mod policy;
+
+/// The XDP program, built by `build.rs` from `shaper-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shaper"));

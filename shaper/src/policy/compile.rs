@@ -1,0 +1,106 @@
+//! Compile a policy into the entries of the rule tries.
+//!
+//! Protected prefixes go into the same tries as rules, flagged PROTECTED, so the data
+//! plane needs one lookup. For protection to win whatever the rules say, every rule
+//! prefix inside a protected prefix is flagged too; the protected prefix itself carries
+//! the id of the rule that covers it (for counting).
+
+use std::net::IpAddr;
+
+use shaper_common::{
+    Budget,
+    maps::{PrefixV4, PrefixV6, RuleEntry, action, rule_flags},
+};
+
+use super::{Action, Policy, Prefix};
+
+/// Rule id of a protected prefix that no rule covers (counted globally only).
+pub const NO_RULE: u32 = u32::MAX;
+
+/// Trie entries: (prefix data, prefix length, value).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub v4: Vec<(PrefixV4, u32, RuleEntry)>,
+    pub v6: Vec<(PrefixV6, u32, RuleEntry)>,
+    pub protected_ports: Vec<u16>,
+    rules: usize,
+}
+
+impl Compiled {
+    /// Number of rule ids used.
+    pub fn rule_count(&self) -> usize {
+        self.rules
+    }
+}
+
+fn action_code(a: Action) -> u8 {
+    match a {
+        Action::Allow => action::ALLOW,
+        Action::Monitor => action::MONITOR,
+        Action::Drop => action::DROP,
+        Action::Defer => action::DEFER,
+    }
+}
+
+impl Policy {
+    /// The trie entries for this policy. Rule ids are the rules' positions.
+    pub fn compile(&self) -> Compiled {
+        let mut entries: Vec<(Prefix, RuleEntry)> = Vec::new();
+        for (id, r) in self.rules.iter().enumerate() {
+            let group = Budget::new(r.rate.count, r.rate.period_ns, r.burst);
+            let ceiling = r.ceiling.map_or(Budget::NONE, |c| {
+                Budget::new(c.count, c.period_ns, c.per_second_ceil())
+            });
+            let protected = self.protected_prefixes.iter().any(|p| p.covers(&r.prefix));
+            entries.push((
+                r.prefix,
+                RuleEntry {
+                    rule_id: u32::try_from(id).unwrap_or(NO_RULE),
+                    action: action_code(r.action),
+                    group_len: r.group,
+                    flags: if protected { rule_flags::PROTECTED } else { 0 },
+                    _pad0: 0,
+                    interval_ns: group.interval_ns,
+                    tolerance_ns: group.tolerance_ns,
+                    ceiling_interval_ns: ceiling.interval_ns,
+                    ceiling_tolerance_ns: ceiling.tolerance_ns,
+                },
+            ));
+        }
+        for p in &self.protected_prefixes {
+            if entries.iter().any(|(q, _)| q == p) {
+                continue; // the rule with this exact prefix is flagged already
+            }
+            let covering = self
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.prefix.covers(p))
+                .max_by_key(|(_, r)| r.prefix.len)
+                .and_then(|(id, _)| u32::try_from(id).ok())
+                .unwrap_or(NO_RULE);
+            entries.push((
+                *p,
+                RuleEntry {
+                    rule_id: covering,
+                    action: action::ALLOW,
+                    group_len: p.len,
+                    flags: rule_flags::PROTECTED,
+                    ..RuleEntry::default()
+                },
+            ));
+        }
+        let mut out = Compiled {
+            rules: self.rules.len(),
+            protected_ports: self.protected_ports.clone(),
+            ..Compiled::default()
+        };
+        for (p, e) in entries {
+            match p.addr {
+                IpAddr::V4(a) => out.v4.push((a.octets(), u32::from(p.len), e)),
+                IpAddr::V6(a) => out.v6.push((a.octets(), u32::from(p.len), e)),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,102 @@
+//! The real program, loaded into the kernel, run on packets with BPF_PROG_TEST_RUN.
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use shaper::{
+    dataplane::{Capacity, Dataplane},
+    policy::{self, Policy},
+};
+use shaper_common::maps::{BASELINE_PROGRAM_NAME, RuleStats};
+
+/// Fail loudly if this process cannot use BPF: privileged tests never skip.
+pub fn require_bpf() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the privileged tests need root (BPF, network namespaces); run them with `cargo xtask test` as root"
+    );
+}
+
+/// A loaded program with a policy applied.
+pub struct Harness {
+    pub dp: Dataplane,
+    pub policy: Policy,
+}
+
+impl Harness {
+    /// Load the program and apply the policy text.
+    pub fn new(policy_text: &str) -> Result<Harness> {
+        Self::with_capacity(policy_text, Capacity::default())
+    }
+
+    pub fn with_capacity(policy_text: &str, capacity: Capacity) -> Result<Harness> {
+        require_bpf();
+        let policy = policy::parse("test.toml", policy_text).map_err(|e| anyhow!("{e}"))?;
+        Self::from_policy(policy, capacity)
+    }
+
+    pub fn from_policy(policy: Policy, capacity: Capacity) -> Result<Harness> {
+        let mut dp = Dataplane::load(capacity)?;
+        dp.apply(&policy.compile())?;
+        Ok(Harness { dp, policy })
+    }
+
+    /// Run one packet through the program; returns the verdict and the output frame.
+    pub fn run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_prog(self.dp.program()?, packet, 1).map(|(v, out, _)| (v, out))
+    }
+
+    /// Run a packet `repeat` times in the kernel; returns the verdict and ns per run.
+    pub fn run_repeat(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, f64)> {
+        run_prog(self.dp.program()?, packet, repeat).map(|(v, _, ns)| (v, ns))
+    }
+
+    /// The rule id of the rule named `name`.
+    pub fn rule_id(&self, name: &str) -> u32 {
+        self.policy
+            .rules
+            .iter()
+            .position(|r| r.name == name)
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or(u32::MAX)
+    }
+
+    pub fn rule(&self, name: &str) -> Result<RuleStats> {
+        self.dp.rule_counters(self.rule_id(name))
+    }
+
+    pub fn global(&self) -> Result<Vec<u64>> {
+        self.dp.global_counters()
+    }
+
+    /// Load the bare XDP_PASS baseline from the same object.
+    pub fn baseline(&mut self) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .dp
+            .ebpf
+            .program_mut(BASELINE_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("baseline program missing"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load().context("loading the baseline program")?;
+        }
+        Ok(prog)
+    }
+}
+
+/// BPF_PROG_TEST_RUN on `prog`.
+pub fn run_prog(prog: &Xdp, packet: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, f64)> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    };
+    let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    let n = r.data_size_out as usize;
+    out.truncate(n);
+    let ns = r.duration.as_nanos() as f64;
+    Ok((r.return_value, out, ns))
+}
