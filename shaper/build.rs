@@ -3,7 +3,6 @@
 //! installs what this needs.
 use anyhow::{Context as _, anyhow};
 
-
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()

@@ -12,7 +12,24 @@ pub fn group_v4(addr: [u8; 4], len: u8) -> [u8; 4] {
 /// Works on two `u64` halves: 128-bit arithmetic has no BPF lowering.
 #[inline(always)]
 pub fn group_v6(addr: [u8; 16], len: u8) -> [u8; 16] {
-    let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = addr;
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        b0,
+        b1,
+        b2,
+        b3,
+        b4,
+        b5,
+        b6,
+        b7,
+    ] = addr;
     let hi = u64::from_be_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
     let lo = u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
     let (mhi, mlo) = if len >= 64 {
@@ -22,7 +39,9 @@ pub fn group_v6(addr: [u8; 16], len: u8) -> [u8; 16] {
     };
     let [h0, h1, h2, h3, h4, h5, h6, h7] = (hi & mhi).to_be_bytes();
     let [l0, l1, l2, l3, l4, l5, l6, l7] = (lo & mlo).to_be_bytes();
-    [h0, h1, h2, h3, h4, h5, h6, h7, l0, l1, l2, l3, l4, l5, l6, l7]
+    [
+        h0, h1, h2, h3, h4, h5, h6, h7, l0, l1, l2, l3, l4, l5, l6, l7,
+    ]
 }
 
 #[inline(always)]
@@ -51,7 +70,9 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn v6(s: &str) -> [u8; 16] {
-        s.parse::<Ipv6Addr>().map(|a| a.octets()).unwrap_or([0xff; 16])
+        s.parse::<Ipv6Addr>()
+            .map(|a| a.octets())
+            .unwrap_or([0xff; 16])
     }
 
     #[test]

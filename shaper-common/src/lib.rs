@@ -12,6 +12,6 @@ pub mod group;
 pub mod maps;
 pub mod reason;
 
-pub use budget::{Budget, TatCell, Take, Verdict, admit};
+pub use budget::{Budget, Take, TatCell, Verdict, admit};
 pub use group::{group_v4, group_v6};
 pub use reason::{Outcome, Reason};

@@ -7,7 +7,10 @@
 // `atomic_cxchg`: core::sync::atomic has no compare-exchange on the BPF target, the
 // intrinsic lowers to BPF_CMPXCHG (see police.rs).
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "core_intrinsics is the only cmpxchg on BPF")]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics is the only cmpxchg on BPF"
+)]
 
 mod maps;
 mod parse;

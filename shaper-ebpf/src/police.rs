@@ -120,7 +120,12 @@ fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
     match RULE_BUDGETS.get_ptr_mut(rule.rule_id) {
         Some(p) => {
             let ceiling = MapCell(p.cast());
-            admit(&group, &group_budget, Some((&ceiling, &ceiling_budget)), now)
+            admit(
+                &group,
+                &group_budget,
+                Some((&ceiling, &ceiling_budget)),
+                now,
+            )
         }
         // A rule id past the array: refuse rather than admit without the ceiling.
         None => Verdict::Contended,

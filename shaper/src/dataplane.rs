@@ -9,9 +9,8 @@ use aya::{
     programs::Xdp,
 };
 use shaper_common::maps::{
-    MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_STATS, MAP_RULES_V4,
-    MAP_RULES_V6, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, PROGRAM_NAME, PrefixV4, PrefixV6,
-    RuleBudget, RuleEntry, RuleStats,
+    MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_STATS, MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS,
+    MAX_PREFIXES, MAX_RULES, PROGRAM_NAME, PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats,
 };
 
 use crate::policy::Compiled;
@@ -59,7 +58,9 @@ impl Dataplane {
             .map_max_entries(MAP_RULES_V6, capacity.prefixes)
             .map_max_entries(shaper_common::maps::MAP_GROUPS, capacity.groups)
             .load(object)
-            .context("loading the BPF object failed (are you root, with BPF enabled in the kernel?)")?;
+            .context(
+                "loading the BPF object failed (are you root, with BPF enabled in the kernel?)",
+            )?;
         let prog = program_mut(&mut ebpf, PROGRAM_NAME)?;
         prog.load().map_err(|e| {
             anyhow!(
@@ -108,18 +109,20 @@ impl Dataplane {
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let ids: Vec<u32> = ids.into_iter().collect();
         {
-            let mut budgets: Array<&mut MapData, RuleBudget> =
-                Array::try_from(self.ebpf.map_mut(MAP_RULE_BUDGETS).ok_or_else(|| {
-                    anyhow!("map {MAP_RULE_BUDGETS} missing")
-                })?)?;
+            let mut budgets: Array<&mut MapData, RuleBudget> = Array::try_from(
+                self.ebpf
+                    .map_mut(MAP_RULE_BUDGETS)
+                    .ok_or_else(|| anyhow!("map {MAP_RULE_BUDGETS} missing"))?,
+            )?;
             for &id in &ids {
                 budgets.set(id, RuleBudget::default(), 0)?;
             }
         }
-        let mut stats: PerCpuArray<&mut MapData, RuleStats> =
-            PerCpuArray::try_from(self.ebpf.map_mut(MAP_RULE_STATS).ok_or_else(|| {
-                anyhow!("map {MAP_RULE_STATS} missing")
-            })?)?;
+        let mut stats: PerCpuArray<&mut MapData, RuleStats> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(MAP_RULE_STATS)
+                .ok_or_else(|| anyhow!("map {MAP_RULE_STATS} missing"))?,
+        )?;
         for &id in &ids {
             let zeros = aya::maps::PerCpuValues::try_from(vec![RuleStats::default(); ncpus])?;
             stats.set(id, zeros, 0)?;

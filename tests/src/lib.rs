@@ -2,5 +2,7 @@
 //! builders, and the network-namespace testbed with its traffic generators (reused by
 //! `cargo xtask demo` and `cargo xtask bench`).
 
+pub mod netns;
 pub mod packets;
 pub mod progrun;
+pub mod tcp;

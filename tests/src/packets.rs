@@ -2,8 +2,7 @@
 
 use etherparse::{
     EtherType, Ethernet2Header, IpAuthHeader, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options,
-    Ipv6Header, Ipv6RawExtHeader, SingleVlanHeader, TcpHeader, UdpHeader,
-    VlanId,
+    Ipv6Header, Ipv6RawExtHeader, SingleVlanHeader, TcpHeader, UdpHeader, VlanId,
 };
 
 pub const FIN: u8 = 0x01;
@@ -199,7 +198,9 @@ pub fn ipv4_udp(src: [u8; 4]) -> Vec<u8> {
 /// An ICMP echo request over IPv4.
 pub fn ipv4_icmp(src: [u8; 4]) -> Vec<u8> {
     let body = [8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
-    let mut v = ipv4_header(src, 1, body.len(), &[], 0, false).to_bytes().to_vec();
+    let mut v = ipv4_header(src, 1, body.len(), &[], 0, false)
+        .to_bytes()
+        .to_vec();
     v.extend_from_slice(&body);
     v
 }

@@ -76,14 +76,24 @@ fn burst_then_rate() {
     let got = (0..20)
         .filter(|_| matches!(take(&cell, &b, t0), Take::Taken { .. }))
         .count();
-    assert_eq!(got, 5, "a full budget admits exactly the burst at one instant");
+    assert_eq!(
+        got, 5,
+        "a full budget admits exactly the burst at one instant"
+    );
     assert_eq!(take(&cell, &b, t0 + 99_999_999), Take::Over);
-    assert!(matches!(take(&cell, &b, t0 + 100_000_000), Take::Taken { .. }));
+    assert!(matches!(
+        take(&cell, &b, t0 + 100_000_000),
+        Take::Taken { .. }
+    ));
 }
 
 #[test]
 fn zero_rate_or_burst_admits_nothing() {
-    for b in [Budget::per_second(0, 10), Budget::per_second(10, 0), Budget::NONE] {
+    for b in [
+        Budget::per_second(0, 10),
+        Budget::per_second(10, 0),
+        Budget::NONE,
+    ] {
         let cell = plain(0);
         for t in [0, 1, 1_000_000_000, u64::MAX] {
             assert_eq!(take(&cell, &b, t), Take::Over);
@@ -161,7 +171,10 @@ fn two_threads_share_one_budget_exactly() {
     let got = admitted.load(Ordering::SeqCst) as usize;
     assert!(got <= bound(1_000, 50, elapsed), "{got} > bound");
     // Contention and interleaved clocks may refuse a few, never many.
-    assert!(got * 100 >= bound(1_000, 50, elapsed) * 98, "{got} admitted");
+    assert!(
+        got * 100 >= bound(1_000, 50, elapsed) * 98,
+        "{got} admitted"
+    );
 }
 
 proptest! {

@@ -57,8 +57,14 @@ impl Prefix {
     /// The address with the host bits cleared.
     pub fn network(&self) -> IpAddr {
         match self.addr {
-            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(shaper_common::group_v4(a.octets(), self.len))),
-            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(shaper_common::group_v6(a.octets(), self.len))),
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(shaper_common::group_v4(
+                a.octets(),
+                self.len,
+            ))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(shaper_common::group_v6(
+                a.octets(),
+                self.len,
+            ))),
         }
     }
 
@@ -71,10 +77,12 @@ impl Prefix {
     pub fn contains(&self, addr: IpAddr) -> bool {
         match (self.addr, addr) {
             (IpAddr::V4(_), IpAddr::V4(a)) => {
-                shaper_common::group_v4(a.octets(), self.len) == shaper_common::group_v4(self.v4(), self.len)
+                shaper_common::group_v4(a.octets(), self.len)
+                    == shaper_common::group_v4(self.v4(), self.len)
             }
             (IpAddr::V6(_), IpAddr::V6(a)) => {
-                shaper_common::group_v6(a.octets(), self.len) == shaper_common::group_v6(self.v6(), self.len)
+                shaper_common::group_v6(a.octets(), self.len)
+                    == shaper_common::group_v6(self.v6(), self.len)
             }
             _ => false,
         }

@@ -49,7 +49,12 @@ pub struct RawProtect {
 pub fn parse(file: &str, text: &str) -> Result<RawPolicy, PolicyErrors> {
     toml::from_str(text).map_err(|e| {
         let at = e.span().map_or(0, |s| s.start);
-        PolicyErrors(vec![error_at(file, text, at, e.message().trim().to_string())])
+        PolicyErrors(vec![error_at(
+            file,
+            text,
+            at,
+            e.message().trim().to_string(),
+        )])
     })
 }
 

@@ -58,7 +58,10 @@ fn errors_name_file_line_col() {
     );
     let e = errs("[[rule]]\nname = \"a\"\nprefix = \"10.0.0.0/8\"\nrate = 1\nbogus = 2\n");
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("p.toml:5:1: unknown field `bogus`"), "{e:?}");
+    assert!(
+        e[0].starts_with("p.toml:5:1: unknown field `bogus`"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -68,9 +71,15 @@ fn rejects_bad_values() {
         ("prefix = \"10.0.0.0/33\"", "out of range"),
         ("prefix = \"10.0.0.0/08\"", "invalid prefix length"),
         ("prefix = \"2001:db8::1/32\"", "host bits"),
-        ("prefix = \"10.0.0.0/8\"\ngroup = 4", "wider than the rule's prefix"),
+        (
+            "prefix = \"10.0.0.0/8\"\ngroup = 4",
+            "wider than the rule's prefix",
+        ),
         ("prefix = \"10.0.0.0/8\"\ngroup = 33", "out of range"),
-        ("prefix = \"10.0.0.0/8\"\naction = \"block\"", "unknown action"),
+        (
+            "prefix = \"10.0.0.0/8\"\naction = \"block\"",
+            "unknown action",
+        ),
         ("prefix = \"10.0.0.0/8\"\nburst = 0", "at least 1"),
         ("prefix = \"10.0.0.0/8\"\nburst = -1", "out of range"),
         ("prefix = \"10.0.0.0/8\"\nmax_wait = \"0s\"", "out of range"),
@@ -105,7 +114,10 @@ fn protection_wins_over_more_specific_rules() {
     )
     .expect("valid");
     let c = p.compile();
-    let flags: Vec<(u32, u8, u32)> = c.v4.iter().map(|(_, l, e)| (*l, e.flags, e.rule_id)).collect();
+    let flags: Vec<(u32, u8, u32)> =
+        c.v4.iter()
+            .map(|(_, l, e)| (*l, e.flags, e.rule_id))
+            .collect();
     // wide: not protected; narrow (inside 10.1/16): protected; the two protected
     // prefixes count under `wide`, the rule that covers them.
     assert_eq!(flags, vec![(8, 0, 0), (24, 1, 1), (16, 1, 0), (32, 1, 0)]);

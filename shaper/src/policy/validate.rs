@@ -25,8 +25,12 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn err<T>(&mut self, span: &Spanned<T>, message: impl Into<String>) {
-        self.errors
-            .push(error_at(self.file, self.text, span.span().start, message.into()));
+        self.errors.push(error_at(
+            self.file,
+            self.text,
+            span.span().start,
+            message.into(),
+        ));
     }
 }
 
@@ -77,7 +81,10 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
         let prefix = match Prefix::parse(r.prefix.get_ref()) {
             Ok(p) => {
                 if let Some(other) = prefixes.get(&p) {
-                    c.err(&r.prefix, format!("prefix {p} is already used by rule `{other}`"));
+                    c.err(
+                        &r.prefix,
+                        format!("prefix {p} is already used by rule `{other}`"),
+                    );
                 }
                 prefixes.insert(p, name.clone());
                 Some(p)
@@ -90,17 +97,19 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
 
         let rate = parse_rate_value(&mut c, &r.rate, "rate");
         let burst = match (&r.burst, rate) {
-            (Some(b), _) => match *b.get_ref() {
-                n if !(0..=MAX_BURST).contains(&n) => {
-                    c.err(b, format!("burst {n} is out of range 0..={MAX_BURST}"));
-                    None
+            (Some(b), _) => {
+                match *b.get_ref() {
+                    n if !(0..=MAX_BURST).contains(&n) => {
+                        c.err(b, format!("burst {n} is out of range 0..={MAX_BURST}"));
+                        None
+                    }
+                    0 if rate.is_some_and(|r| r.count > 0) => {
+                        c.err(b, "burst must be at least 1 when rate is above 0 (nothing could be admitted)");
+                        None
+                    }
+                    n => u64::try_from(n).ok(),
                 }
-                0 if rate.is_some_and(|r| r.count > 0) => {
-                    c.err(b, "burst must be at least 1 when rate is above 0 (nothing could be admitted)");
-                    None
-                }
-                n => u64::try_from(n).ok(),
-            },
+            }
             // Default: one second's worth of the rate.
             (None, Some(rt)) => Some(rt.per_second_ceil()),
             (None, None) => None,
@@ -150,7 +159,10 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
             None => Some(None),
             Some(v) => match parse_rate_value(&mut c, v, "ceiling") {
                 Some(rt) if rt.count == 0 => {
-                    c.err(v, "ceiling must be above 0 (use rate = 0 to refuse everything)");
+                    c.err(
+                        v,
+                        "ceiling must be above 0 (use rate = 0 to refuse everything)",
+                    );
                     None
                 }
                 Some(rt) => Some(Some(rt)),
@@ -163,8 +175,15 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
             Some(w) => wait(&mut c, w),
         };
 
-        if let (Some(prefix), Some(rate), Some(burst), Some(group), Some(action), Some(ceiling), Some(max_wait)) =
-            (prefix, rate, burst, group, action, ceiling, rule_wait)
+        if let (
+            Some(prefix),
+            Some(rate),
+            Some(burst),
+            Some(group),
+            Some(action),
+            Some(ceiling),
+            Some(max_wait),
+        ) = (prefix, rate, burst, group, action, ceiling, rule_wait)
         {
             rules.push(Rule {
                 name: name.clone(),
@@ -200,7 +219,10 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
                     }
                     protected_ports.push(n);
                 }
-                _ => c.err(port, format!("port {} is out of range 1..=65535", port.get_ref())),
+                _ => c.err(
+                    port,
+                    format!("port {} is out of range 1..=65535", port.get_ref()),
+                ),
             }
         }
     }
@@ -220,7 +242,10 @@ fn group_len(c: &mut Checker<'_>, g: &Spanned<i64>, max: u8, field: &str) -> Opt
     match u8::try_from(*g.get_ref()) {
         Ok(n) if n <= max => Some(n),
         _ => {
-            c.err(g, format!("{field} {} is out of range 0..={max}", g.get_ref()));
+            c.err(
+                g,
+                format!("{field} {} is out of range 0..={max}", g.get_ref()),
+            );
             None
         }
     }
@@ -243,7 +268,10 @@ fn parse_rate_value(c: &mut Checker<'_>, v: &Spanned<toml::Value>, field: &str) 
     };
     match parsed {
         Ok(r) if u128::from(r.count) * 1_000_000_000 > MAX_RATE_PER_S * u128::from(r.period_ns) => {
-            c.err(v, format!("{field} {r} is above the maximum of {MAX_RATE_PER_S}/s"));
+            c.err(
+                v,
+                format!("{field} {r} is above the maximum of {MAX_RATE_PER_S}/s"),
+            );
             None
         }
         Ok(r) => Some(r),
@@ -255,9 +283,9 @@ fn parse_rate_value(c: &mut Checker<'_>, v: &Spanned<toml::Value>, field: &str) 
 }
 
 fn parse_rate(s: &str) -> Result<Rate, String> {
-    let (n, unit) = s
-        .split_once('/')
-        .ok_or_else(|| format!("`{s}` is not a rate; write it like \"20/s\", \"1200/min\" or \"3/h\""))?;
+    let (n, unit) = s.split_once('/').ok_or_else(|| {
+        format!("`{s}` is not a rate; write it like \"20/s\", \"1200/min\" or \"3/h\"")
+    })?;
     let count: u64 = n
         .trim()
         .parse()
@@ -275,7 +303,10 @@ fn wait(c: &mut Checker<'_>, w: &Spanned<String>) -> Option<Duration> {
     match parse_duration(w.get_ref()) {
         Ok(d) if d >= MAX_WAIT_RANGE.0 && d <= MAX_WAIT_RANGE.1 => Some(d),
         Ok(_) => {
-            c.err(w, format!("max_wait `{}` is out of range 1s..=300s", w.get_ref()));
+            c.err(
+                w,
+                format!("max_wait `{}` is out of range 1s..=300s", w.get_ref()),
+            );
             None
         }
         Err(e) => {

@@ -1,0 +1,219 @@
+//! A testbed of network namespaces joined by veth pairs. Everything it creates has a
+//! unique name and is removed on drop, even when a test panics. Nothing touches the
+//! machine's own interfaces: all addresses are in 198.18.0.0/15 and 2001:db8::/32.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+/// Run `ip` with `args`; fail with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (install iproute2: `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Create `shp-<pid>-<n>-<role>`.
+    pub fn new(role: &str) -> Result<Netns> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "shp-{}-{}-{role}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// `ip -n NAME args…`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        ip(&a)
+    }
+
+    /// Set a sysctl inside the namespace (net.* only).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.run_in(|| std::fs::write(&path, value).with_context(|| format!("sysctl {key}")))?
+    }
+
+    /// Run `f` on a thread that has entered this namespace (sockets it opens live here).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<T> {
+                enter(&path)?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+
+    /// Spawn a command inside this namespace (by setns before exec, so the host's bpffs
+    /// stays visible, unlike `ip netns exec`).
+    pub fn spawn(&self, cmd: &mut Command) -> Result<Child> {
+        use std::os::unix::process::CommandExt as _;
+        let file = File::open(self.path()).context("opening the namespace")?;
+        let fd = file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; `file` outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawning in the namespace")?;
+        drop(file);
+        Ok(child)
+    }
+
+    /// Does `dev` in this namespace have an XDP program attached?
+    pub fn has_xdp(&self, dev: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "-d", "link", "show", "dev", dev])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Move the calling thread into the namespace at `path`.
+pub fn enter(path: &std::path::Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: a valid namespace fd; affects only this thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    Ok(())
+}
+
+/// Connect namespaces `a` and `b` with a veth pair named `a_dev` / `b_dev`, both up.
+pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
+    ip(&[
+        "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns",
+        &b.name,
+    ])?;
+    a.ip(&["link", "set", a_dev, "up"])?;
+    b.ip(&["link", "set", b_dev, "up"])?;
+    Ok(())
+}
+
+/// The `shaper` binary under test: `$SHAPER_BIN`, or the workspace's debug build.
+pub fn shaper_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SHAPER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/shaper");
+    if p.exists() {
+        Ok(p)
+    } else {
+        bail!(
+            "no shaper binary at {}; build it (`cargo build -p shaper`) or set SHAPER_BIN",
+            p.display()
+        )
+    }
+}
+
+/// A `shaper run` daemon in a namespace; SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `shaper run` on `dev` in `ns` with the policy text; wait until attached.
+    pub fn start(ns: &Netns, dev: &str, policy: &str, extra: &[&str]) -> Result<Daemon> {
+        let dir = std::env::temp_dir().join(format!("{}-{dev}", ns.name));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("shaper.toml");
+        std::fs::write(&config, policy)?;
+        let log = dir.join("shaper.log");
+        let mut cmd = Command::new(shaper_bin()?);
+        cmd.args(["run", "--iface", dev, "--config"])
+            .arg(&config)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let child = ns.spawn(&mut cmd)?;
+        let mut d = Daemon { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ns.has_xdp(dev) {
+            if let Some(status) = d.child.try_wait()? {
+                bail!("shaper run exited with {status}: {}", d.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("shaper run did not attach within 30 s: {}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(d)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit status.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("shaper run ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.stop();
+        }
+    }
+}

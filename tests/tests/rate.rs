@@ -1,0 +1,108 @@
+//! Budget accuracy in the kernel: BPF_PROG_TEST_RUN with `repeat` drives one group's
+//! SYNs as fast as the CPU allows; admissions must track rate·t + burst, and two CPUs
+//! hammering the same group together must get no more than one would.
+
+use std::time::{Duration, Instant};
+
+use shaper_common::Outcome;
+use shaper_tests::{
+    packets::syn_v4,
+    progrun::{Harness, run_prog},
+};
+
+const POLICY: &str = r#"
+[[rule]]
+name = "g"
+prefix = "198.18.1.0/24"
+rate = 2000
+burst = 100
+action = "drop"
+"#;
+const RATE: f64 = 2000.0;
+const BURST: f64 = 100.0;
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Run the group's SYN until `dur` has passed; returns the runs made.
+fn hammer(h: &Harness, dur: Duration) -> u64 {
+    let prog = match h.dp.ebpf.program(shaper_common::maps::PROGRAM_NAME) {
+        Some(aya::programs::Program::Xdp(p)) => p,
+        _ => panic!("program missing"),
+    };
+    let pkt = syn_v4([198, 18, 1, 5], 443);
+    let start = Instant::now();
+    let mut runs = 0u64;
+    while start.elapsed() < dur {
+        run_prog(prog, &pkt, 2_000).expect("test run");
+        runs += 2_000;
+    }
+    runs
+}
+
+#[test]
+fn admissions_track_rate_times_t_plus_burst() {
+    let h = Harness::new(POLICY).expect("BPF is required");
+    let t0 = Instant::now();
+    let runs = hammer(&h, Duration::from_millis(1500));
+    let t = t0.elapsed().as_secs_f64();
+    let s = h.rule("g").expect("counters");
+    let got = s.get(Outcome::Admitted) as f64;
+    let want = RATE * t + BURST;
+    let err = (got - want) / want;
+    println!(
+        "{runs} SYNs in {t:.3} s: admitted {got}, rate·t + burst = {want:.1}, error {:+.2}%",
+        err * 100.0
+    );
+    assert_eq!(s.get(Outcome::Admitted) + s.get(Outcome::Dropped), runs);
+    assert!(got <= want, "admitted more than rate·t + burst");
+    assert!(err.abs() <= 0.02, "admissions off by more than 2%");
+}
+
+#[test]
+fn two_cpus_share_one_budget() {
+    let h = Harness::new(POLICY).expect("BPF is required");
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    assert!(ncpu >= 2, "this test needs two CPUs");
+    let t0 = Instant::now();
+    let runs: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|cpu| {
+                let h = &h;
+                s.spawn(move || {
+                    pin_to_cpu(cpu);
+                    hammer(h, Duration::from_millis(1500))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|j| j.join().expect("thread")).collect()
+    });
+    let t = t0.elapsed().as_secs_f64();
+    let s = h.rule("g").expect("counters");
+    let got = s.get(Outcome::Admitted) as f64;
+    let want = RATE * t + BURST;
+    println!(
+        "two CPUs, {runs:?} SYNs in {t:.3} s: admitted {got}, one group's rate·t + burst = {want:.1}, contended {}",
+        h.global().expect("global")[shaper_common::Reason::Contended as usize]
+    );
+    assert!(
+        runs.iter().all(|&r| r > 100_000),
+        "both CPUs must really hammer"
+    );
+    assert!(
+        got <= want,
+        "two CPUs admitted more than one group's budget"
+    );
+    assert!(
+        got >= want * 0.98,
+        "the shared budget went unused: {got} of {want:.1}"
+    );
+}
