@@ -1,1 +1,119 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | bench | lint`.
+//!
+//! Orchestration only: every task runs set-up first, which installs what a fresh
+//! machine lacks (rust-src for nightly, LLVM 22 dev packages, bpf-linker, the network
+//! tools the tests use) and says clearly what it cannot do.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (idempotent; quick when all is there).
+    Setup,
+    /// Set up, build, run the host tests and the privileged (BPF, netns) tests.
+    Test,
+    /// Benchmarks: `prog` (ns per packet under BPF_PROG_TEST_RUN, against a bare program).
+    Bench {
+        #[arg(default_value = "prog")]
+        which: String,
+    },
+    /// cargo fmt --check and cargo clippy -D warnings.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    match Args::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Test => {
+            setup::setup()?;
+            test()
+        }
+        Task::Bench { which } => {
+            setup::setup()?;
+            cargo(&[
+                "run",
+                "--release",
+                "-p",
+                "shaper-tests",
+                "--bin",
+                "shaper-bench",
+                "--",
+                &which,
+            ])
+        }
+        Task::Lint => lint(),
+    }
+}
+
+/// Run cargo with `args` from the workspace root; fail if it fails.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_env(args, &[])
+}
+
+fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let root = workspace_root();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(&root)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| ".".into())
+}
+
+fn test() -> Result<()> {
+    cargo(&["build", "-p", "shaper"])?;
+    // Host tests: shared logic (unit and property tests), policy, CLI helpers.
+    cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "shaper-ebpf",
+        "--exclude",
+        "shaper-tests",
+    ])?;
+    // Privileged tests: the real program in the kernel and network namespaces. They
+    // fail (never skip) without root and BPF. One at a time: they share two CPUs.
+    let bin = workspace_root().join("target/debug/shaper");
+    let bin = bin.to_string_lossy();
+    cargo_env(
+        &["test", "-p", "shaper-tests", "--", "--test-threads=1"],
+        &[("SHAPER_BIN", &bin)],
+    )
+}
+
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "shaper-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])
+}

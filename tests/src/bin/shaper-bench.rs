@@ -1,0 +1,147 @@
+//! `cargo xtask bench prog`: ns per packet of the real program under BPF_PROG_TEST_RUN,
+//! against a bare XDP_PASS program measured in the same run.
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::{Result, bail};
+use shaper::{
+    dataplane::Capacity,
+    policy::{Action, Policy, Prefix, Rate, Rule},
+};
+use shaper_tests::{
+    packets::*,
+    progrun::{Harness, run_prog},
+};
+
+const REPEAT: u32 = 1_000_000;
+const ROUNDS: usize = 7;
+
+fn rule(name: &str, prefix: &str, rate: Rate, burst: u64) -> Result<Rule> {
+    let prefix = Prefix::parse(prefix).map_err(anyhow::Error::msg)?;
+    Ok(Rule {
+        name: name.into(),
+        group: prefix
+            .max_len()
+            .min(if prefix.addr.is_ipv4() { 24 } else { 64 })
+            .max(prefix.len),
+        prefix,
+        rate,
+        burst,
+        action: Action::Drop,
+        ceiling: None,
+        max_wait: Duration::from_secs(30),
+    })
+}
+
+/// A policy with the two measured rules plus fillers up to `n` rules.
+fn policy(n: usize) -> Result<Policy> {
+    // Always within budget: one admission per ns, a burst of 10^12.
+    let open = Rate {
+        count: 1,
+        period_ns: 1,
+    };
+    let mut rules = vec![
+        rule("admit", "198.18.1.0/24", open, 1_000_000_000_000)?,
+        rule(
+            "drop",
+            "198.18.2.0/24",
+            Rate {
+                count: 1,
+                period_ns: 1_000_000_000,
+            },
+            1,
+        )?,
+        rule("admit6", "2001:db8:1::/48", open, 1_000_000_000_000)?,
+    ];
+    let mut i = 0u32;
+    while rules.len() < n {
+        // Filler /24s spread over the IPv4 space (map entries only; no traffic).
+        let a = (i.wrapping_mul(2_654_435_761) >> 8) << 8;
+        let p = IpAddr::from(a.to_be_bytes());
+        i += 1;
+        if p.to_string().starts_with("198.18.") {
+            continue;
+        }
+        rules.push(rule(
+            &format!("f{i}"),
+            &format!("{p}/24"),
+            Rate {
+                count: 5,
+                period_ns: 1_000_000_000,
+            },
+            5,
+        )?);
+    }
+    Ok(Policy {
+        rules,
+        protected_prefixes: vec![],
+        protected_ports: vec![22],
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn main() -> Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "prog".into());
+    if which != "prog" {
+        bail!("unknown benchmark `{which}` (available: prog)");
+    }
+    let est4 = ether(&[], ETH_IPV4, &ipv4_tcp([198, 18, 1, 5], 443, ACK, &[]));
+    let est6 = ether(
+        &[],
+        ETH_IPV6,
+        &ipv6_tcp(
+            [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+            443,
+            ACK,
+            &[],
+        ),
+    );
+    let syn_ok = syn_v4([198, 18, 1, 5], 443);
+    let syn_ok6 = syn_v6(
+        [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+        443,
+    );
+    let syn_drop = syn_v4([198, 18, 2, 5], 443);
+    println!(
+        "BPF_PROG_TEST_RUN, {REPEAT} runs per sample, median of {ROUNDS} samples; ns per packet"
+    );
+    println!();
+    println!("| rules | case | ns/pkt | bare ns/pkt | ratio to bare | over bare (ns) |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for n in [10usize, 100_000] {
+        let cap = Capacity {
+            rules: (n + 16) as u32,
+            prefixes: (n + 64) as u32,
+            ..Capacity::default()
+        };
+        let mut h = Harness::from_policy(policy(n)?, cap)?;
+        let cases: [(&str, &[u8]); 5] = [
+            ("established TCP, IPv4", &est4),
+            ("established TCP, IPv6", &est6),
+            ("SYN admitted, IPv4", &syn_ok),
+            ("SYN admitted, IPv6", &syn_ok6),
+            ("SYN dropped, IPv4", &syn_drop),
+        ];
+        for (name, pkt) in cases {
+            let (mut prog_ns, mut bare_ns) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                // Interleave the two so drift in the machine's state hits both alike.
+                let (_, _, b) = run_prog(h.baseline()?, pkt, REPEAT)?;
+                bare_ns.push(b);
+                let (_, ns) = h.run_repeat(pkt, REPEAT)?;
+                prog_ns.push(ns);
+            }
+            let (p, b) = (median(prog_ns), median(bare_ns));
+            println!(
+                "| {n} | {name} | {p:.1} | {b:.1} | {:.2}× | {:+.1} |",
+                p / b,
+                p - b
+            );
+        }
+    }
+    Ok(())
+}
