@@ -6,3 +6,4 @@ pub mod netns;
 pub mod packets;
 pub mod progrun;
 pub mod tcp;
+pub mod testbed;

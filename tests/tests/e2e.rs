@@ -3,14 +3,15 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use shaper_tests::{
-    netns::{Daemon, Netns, veth},
+    netns::Daemon,
     progrun::require_bpf,
     tcp::{Bulk, Server, storm},
+    testbed::{SERVER_DEV, SERVER_V4, SERVER_V6, Testbed, addr},
 };
 
 const RATE: f64 = 20.0;
@@ -46,50 +47,34 @@ action = "drop"
 prefixes = ["198.18.9.9/32"]
 "#;
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
-}
-
 #[test]
 fn storm_is_held_to_quota_per_group() {
     require_bpf();
-    let srv = Netns::new("srv").expect("server namespace");
-    let cli = Netns::new("cli").expect("client namespace");
-    veth(&srv, "s0", &cli, "c0").expect("veth");
-    srv.ip(&["addr", "add", "198.19.0.1/15", "dev", "s0"])
-        .expect("addr");
-    srv.ip(&["addr", "add", "2001:db8::1/32", "dev", "s0", "nodad"])
-        .expect("addr");
     let v4_groups = ["198.18.1.10", "198.18.2.10", "198.18.3.10", "198.18.4.10"];
     let v6_groups = ["2001:db8:1::10", "2001:db8:2::10"];
-    for a in v4_groups
+    let all: Vec<IpAddr> = v4_groups
         .iter()
+        .chain(v6_groups.iter())
         .chain(["198.18.5.10", "198.18.9.9", "198.18.9.10"].iter())
-    {
-        cli.ip(&["addr", "add", &format!("{a}/15"), "dev", "c0"])
-            .expect("addr");
-    }
-    for a in v6_groups {
-        cli.ip(&["addr", "add", &format!("{a}/32"), "dev", "c0", "nodad"])
-            .expect("addr");
-    }
-
-    let mut daemon = Daemon::start(&srv, "s0", POLICY, &[]).expect("shaper run");
-    let dst4 = SocketAddr::new(addr("198.19.0.1"), 8080);
-    let dst6 = SocketAddr::new(addr("2001:db8::1"), 8080);
-    let mut server = Server::start(&srv, &[dst4, dst6]).expect("server");
+        .map(|a| addr(a))
+        .collect();
+    let bed = Testbed::new(&all).expect("testbed");
+    let (srv, cli) = (&bed.srv, &bed.cli);
+    let mut daemon = Daemon::start(srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let dst4 = Testbed::dst_for(addr(SERVER_V4));
+    let dst6 = Testbed::dst_for(addr(SERVER_V6));
+    let mut server = Server::start(srv, &[dst4, dst6]).expect("server");
     // The long-lived connection opens before the storm, from its own /24.
-    let bulk = Bulk::start(&cli, addr("198.18.5.10"), addr("198.19.0.1")).expect("bulk");
+    let bulk = Bulk::start(cli, addr("198.18.5.10"), addr(SERVER_V4)).expect("bulk");
 
     let t0 = Instant::now();
     let storms: Vec<_> = std::thread::scope(|s| {
         let mut hs = Vec::new();
         for a in v4_groups.iter().chain(v6_groups.iter()) {
-            let (cli, src) = (&cli, addr(a));
+            let src = addr(a);
             let dst = if src.is_ipv4() { dst4 } else { dst6 };
             hs.push(s.spawn(move || (src, storm(cli, src, dst, ATTEMPTS, STORM))));
         }
-        let cli = &cli;
         // The protected host (under a rate-0 rule) and its unprotected neighbour.
         hs.push(s.spawn(move || {
             let a = addr("198.18.9.9");
@@ -132,7 +117,7 @@ fn storm_is_held_to_quota_per_group() {
         daemon.log_text()
     );
     assert!(
-        !srv.has_xdp("s0"),
+        !srv.has_xdp(SERVER_DEV),
         "shaper run must detach on SIGTERM (for now)"
     );
 

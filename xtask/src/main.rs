@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | bench | lint`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | lint`.
 //!
 //! Orchestration only: every task runs set-up first, which installs what a fresh
 //! machine lacks (rust-src for nightly, LLVM 22 dev packages, bpf-linker, the network
@@ -29,6 +29,8 @@ enum Task {
         #[arg(default_value = "prog")]
         which: String,
     },
+    /// An 8 a.m. storm in a network-namespace testbed, with live counters (root).
+    Demo,
     /// cargo fmt --check and cargo clippy -D warnings.
     Lint,
 }
@@ -52,6 +54,23 @@ fn main() -> Result<()> {
                 "--",
                 &which,
             ])
+        }
+        Task::Demo => {
+            setup::setup()?;
+            cargo(&["build", "--release", "-p", "shaper"])?;
+            let bin = workspace_root().join("target/release/shaper");
+            cargo_env(
+                &[
+                    "run",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "shaper-tests",
+                    "--bin",
+                    "shaper-demo",
+                ],
+                &[("SHAPER_BIN", &bin.to_string_lossy())],
+            )
         }
         Task::Lint => lint(),
     }
