@@ -9,6 +9,7 @@ extern crate std;
 
 pub mod budget;
 pub mod group;
+pub mod line;
 pub mod maps;
 pub mod reason;
 

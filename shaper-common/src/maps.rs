@@ -26,6 +26,11 @@ pub const MAP_RULE_BUDGETS: &str = "RULE_BUDGETS";
 pub const MAP_RULE_STATS: &str = "RULE_STATS";
 /// Per-CPU array indexed by [`crate::Reason`] → `u64`. Written by the program.
 pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
+/// LRU hash: [`WaitKey`] → [`Waiter`], the clients waiting in line. Written by the program.
+pub const MAP_WAITERS: &str = "WAITERS";
+/// Array of [`ProbeSlot`]: first SYNs of congested groups, waiting for a retransmission
+/// to prove them. Written by the program.
+pub const MAP_PROBES: &str = "PROBES";
 
 /// Default number of rules (rule ids). The loader may raise it before load.
 pub const MAX_RULES: u32 = 4096;
@@ -34,6 +39,12 @@ pub const MAX_PREFIXES: u32 = 8192;
 /// Default number of groups tracked at once (LRU). An evicted group starts again with a
 /// full burst; the rule's `ceiling` bounds what that can add.
 pub const MAX_GROUPS: u32 = 131_072;
+/// Default number of clients waiting in line, all groups together (LRU).
+pub const MAX_WAITERS: u32 = 65_536;
+/// Default number of probe slots (a power of two). A spoofed flood of F SYN/s overwrites
+/// a given probe within one second with probability ≈ F / PROBE_SLOTS; the client then
+/// proves itself at its next retransmission instead.
+pub const PROBE_SLOTS: u32 = 1 << 20;
 /// Number of TCP ports (size of `PROTECTED_PORTS`).
 pub const PORTS: u32 = 65_536;
 
@@ -45,8 +56,7 @@ pub mod action {
     pub const MONITOR: u8 = 2;
     /// Drop over budget.
     pub const DROP: u8 = 3;
-    /// Over budget, keep the client in the waiting line (falls back to drop until the
-    /// line exists in the data plane).
+    /// Over budget, keep the client in the waiting line (see [`crate::line`]).
     pub const DEFER: u8 = 4;
 }
 
@@ -87,8 +97,26 @@ pub struct RuleEntry {
     pub ceiling_interval_ns: u64,
     /// Whole-rule ceiling: burst tolerance in ns.
     pub ceiling_tolerance_ns: u64,
+    /// `defer`: clients waiting longer than this are forgotten.
+    pub max_wait_ns: u64,
+    /// `defer`: one second of the group's budget (at least 1).
+    pub line_rate: u32,
+    /// `defer`: most clients one group keeps waiting.
+    pub queue_cap: u32,
 }
-const _: () = assert!(size_of::<RuleEntry>() == 40);
+const _: () = assert!(size_of::<RuleEntry>() == 56);
+
+impl RuleEntry {
+    /// The waiting line's parameters.
+    #[inline(always)]
+    pub const fn line_rule(&self) -> crate::line::LineRule {
+        crate::line::LineRule {
+            rate_per_s: self.line_rate,
+            queue_cap: self.queue_cap,
+            max_wait_ns: self.max_wait_ns,
+        }
+    }
+}
 
 /// Key of the group table: the rule and the source address masked to the rule's group
 /// length. IPv4 addresses use the first four bytes; the rest stays zero.
@@ -100,14 +128,78 @@ pub struct GroupKey {
 }
 const _: () = assert!(size_of::<GroupKey>() == 20);
 
-/// A group's shared budget: the GCRA theoretical arrival time, updated by
-/// compare-and-swap from every CPU.
+/// A group's shared state: the GCRA theoretical arrival time, updated by
+/// compare-and-swap from every CPU, and the waiting line of `defer` rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupState {
     pub tat_ns: u64,
+    pub line: crate::line::LineState,
 }
-const _: () = assert!(size_of::<GroupState>() == 8);
+const _: () = assert!(size_of::<GroupState>() == 72);
+
+/// Address family of a [`WaitKey`].
+pub mod family {
+    pub const V4: u8 = 4;
+    pub const V6: u8 = 6;
+}
+
+/// A waiting client: its connection's addresses and ports. IPv4 addresses use the first
+/// four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WaitKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// One of [`family`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<WaitKey>() == 40);
+
+impl WaitKey {
+    /// The words [`crate::line::probe_hash`] takes, with the SYN's sequence number.
+    #[inline(always)]
+    pub fn probe_words(&self, isn: u32) -> [u32; 10] {
+        let w = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        [
+            w(&self.src, 0),
+            w(&self.src, 4),
+            w(&self.src, 8),
+            w(&self.src, 12),
+            w(&self.dst, 0),
+            w(&self.dst, 4),
+            w(&self.dst, 8),
+            w(&self.dst, 12),
+            (u32::from(self.sport) << 16) | u32::from(self.dport),
+            isn ^ u32::from(self.family),
+        ]
+    }
+}
+
+/// A client in line: the ISN of its SYN (a new ISN on the same ports is a new attempt)
+/// and when its first SYN was seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Waiter {
+    pub isn: u32,
+    pub rule_id: u32,
+    pub first_seen_ns: u64,
+}
+const _: () = assert!(size_of::<Waiter>() == 16);
+
+/// A first SYN waiting to be proven by its retransmission: a tag of its identity hash
+/// (0 = empty) and when it was seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeSlot {
+    pub tag: u32,
+    pub _pad: u32,
+    pub first_seen_ns: u64,
+}
+const _: () = assert!(size_of::<ProbeSlot>() == 16);
 
 /// A rule's ceiling state (same GCRA word as a group).
 #[repr(C)]
@@ -117,13 +209,38 @@ pub struct RuleBudget {
 }
 const _: () = assert!(size_of::<RuleBudget>() == 8);
 
-/// A rule's counters on one CPU, indexed by [`crate::Outcome`].
+/// Upper bounds (seconds, inclusive) of the wait-time histogram's buckets; the last
+/// bucket is everything above.
+pub const WAIT_BOUNDS_S: [u64; WAIT_BUCKETS - 1] = [1, 2, 4, 8, 16, 32, 64];
+/// Buckets of the wait-time histogram.
+pub const WAIT_BUCKETS: usize = 8;
+
+/// The wait-time bucket of `wait_ns` (first SYN → admission).
+#[inline(always)]
+pub const fn wait_bucket(wait_ns: u64) -> usize {
+    let mut i = 0;
+    while i < WAIT_BOUNDS_S.len() {
+        if wait_ns <= WAIT_BOUNDS_S[i] * 1_000_000_000 {
+            return i;
+        }
+        i += 1;
+    }
+    WAIT_BUCKETS - 1
+}
+
+/// A rule's counters on one CPU, indexed by [`crate::Outcome`], and its histogram of
+/// waits (first SYN → admission) of clients admitted after waiting.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleStats {
     pub counts: [u64; 8],
+    /// Admissions after waiting, by [`wait_bucket`] (not cumulative).
+    pub wait: [u64; WAIT_BUCKETS],
+    /// Sum of those waits in ns.
+    pub wait_sum_ns: u64,
 }
-const _: () = assert!(size_of::<RuleStats>() == 64);
+const _: () = assert!(size_of::<RuleStats>() == 136);
+
 const _: () = assert!(crate::Outcome::COUNT <= 8);
 
 impl RuleStats {
@@ -144,4 +261,7 @@ mod pod {
     unsafe impl aya::Pod for super::GroupState {}
     unsafe impl aya::Pod for super::RuleBudget {}
     unsafe impl aya::Pod for super::RuleStats {}
+    unsafe impl aya::Pod for super::WaitKey {}
+    unsafe impl aya::Pod for super::Waiter {}
+    unsafe impl aya::Pod for super::ProbeSlot {}
 }

@@ -33,11 +33,18 @@ pub enum Reason {
     /// Over budget because the shared state stayed contended for every retry; dropped
     /// (never admitted: the budget is exact).
     Contended = 12,
+    /// An attempt over budget under `defer`, dropped; the client keeps or takes its
+    /// place in the waiting line.
+    Deferred = 13,
+    /// A waiting client's retransmission, admitted in its turn.
+    AdmittedAfterWait = 14,
+    /// Over budget under `defer`, dropped without a place: the group's line is full.
+    QueueFull = 15,
 }
 
 impl Reason {
     /// Number of reasons (size of `GLOBAL_STATS`).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
 
     /// All reasons, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -54,6 +61,9 @@ impl Reason {
         Reason::Dropped,
         Reason::WouldDrop,
         Reason::Contended,
+        Reason::Deferred,
+        Reason::AdmittedAfterWait,
+        Reason::QueueFull,
     ];
 
     /// The name used in `shaper stats` and Prometheus labels.
@@ -72,6 +82,9 @@ impl Reason {
             Reason::Dropped => "dropped",
             Reason::WouldDrop => "would_drop",
             Reason::Contended => "contended",
+            Reason::Deferred => "deferred",
+            Reason::AdmittedAfterWait => "admitted_after_wait",
+            Reason::QueueFull => "queue_full",
         }
     }
 }

@@ -28,7 +28,9 @@ pub fn shaper(ctx: XdpContext) -> u32 {
     };
     stats::count(reason);
     match reason {
-        Reason::Dropped | Reason::Contended => xdp_action::XDP_DROP,
+        Reason::Dropped | Reason::Contended | Reason::Deferred | Reason::QueueFull => {
+            xdp_action::XDP_DROP
+        }
         _ => xdp_action::XDP_PASS,
     }
 }

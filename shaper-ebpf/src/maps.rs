@@ -8,8 +8,8 @@ use aya_ebpf::{
 use shaper_common::{
     Reason,
     maps::{
-        GroupKey, GroupState, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, PORTS, PrefixV4, PrefixV6,
-        RuleBudget, RuleEntry, RuleStats,
+        GroupKey, GroupState, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PORTS, PROBE_SLOTS,
+        PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
     },
 };
 
@@ -43,3 +43,12 @@ pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MA
 /// Reason → packets on this CPU. Written by the program, read by the daemon.
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Clients waiting in line (`defer`), proven by a retransmission. Written by the program.
+#[map]
+pub static WAITERS: LruHashMap<WaitKey, Waiter> = LruHashMap::with_max_entries(MAX_WAITERS, 0);
+
+/// First SYNs of congested `defer` groups, direct-mapped by identity hash. Its size is
+/// fixed (the program masks with it). Written by the program.
+#[map]
+pub static PROBES: Array<ProbeSlot> = Array::with_max_entries(PROBE_SLOTS, 0);

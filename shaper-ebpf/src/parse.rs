@@ -36,7 +36,12 @@ pub enum Source {
 /// A new-connection attempt: TCP SYN without ACK.
 pub struct Attempt {
     pub source: Source,
+    /// Destination address (IPv4 in the first four bytes).
+    pub dst: [u8; 16],
+    pub sport: u16,
     pub dport: u16,
+    /// The SYN's sequence number (the client's ISN): a retransmission repeats it.
+    pub isn: u32,
 }
 
 /// Address of `len` bytes at `off`, if they are all inside the frame.
@@ -76,17 +81,17 @@ pub fn attempt(ctx: &XdpContext) -> Result<Attempt, Reason> {
         off += 4;
         tags += 1;
     }
-    let (l4, source) = match ethertype {
+    let (l4, source, dst) = match ethertype {
         ETH_P_IPV4 => ipv4(ctx, off)?,
         ETH_P_IPV6 => ipv6(ctx, off)?,
         _ => return Err(Reason::NotIp),
     };
-    tcp(ctx, l4, source)
+    tcp(ctx, l4, source, dst)
 }
 
-/// IPv4: returns the TCP header's offset and the source.
+/// IPv4: returns the TCP header's offset, the source and the destination.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Result<(usize, Source), Reason> {
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<(usize, Source, [u8; 16]), Reason> {
     let h = at(ctx, off, 20)?;
     let ver_ihl: u8 = read(h);
     if ver_ihl >> 4 != 4 {
@@ -105,25 +110,28 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<(usize, Source), Reason> {
         return Err(Reason::NotTcp);
     }
     let src: [u8; 4] = read(h + 12);
+    let [d0, d1, d2, d3]: [u8; 4] = read(h + 16);
+    let dst = [d0, d1, d2, d3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     // The options (if any) must be in the frame too; `tcp` checks past them.
     at(ctx, off, ihl * 4)?;
-    Ok((off + ihl * 4, Source::V4(src)))
+    Ok((off + ihl * 4, Source::V4(src), dst))
 }
 
 /// IPv6: walks extension headers to a fixed bound; returns the TCP header's offset.
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize) -> Result<(usize, Source), Reason> {
+fn ipv6(ctx: &XdpContext, off: usize) -> Result<(usize, Source, [u8; 16]), Reason> {
     let h = at(ctx, off, 40)?;
     if read::<u8>(h) >> 4 != 6 {
         return Err(Reason::Malformed);
     }
     let mut next: u8 = read(h + 6);
     let src: [u8; 16] = read(h + 8);
+    let dst: [u8; 16] = read(h + 24);
     let mut off = off + 40;
     let mut walked = 0;
     while walked < MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return Ok((off, Source::V6(src))),
+            IPPROTO_TCP => return Ok((off, Source::V6(src), dst)),
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let e = at(ctx, off, 2)?;
                 next = read(e);
@@ -149,7 +157,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<(usize, Source), Reason> {
         walked += 1;
     }
     match next {
-        IPPROTO_TCP => Ok((off, Source::V6(src))),
+        IPPROTO_TCP => Ok((off, Source::V6(src), dst)),
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => {
             Err(Reason::ExtHdrLimit)
         }
@@ -159,7 +167,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<(usize, Source), Reason> {
 
 /// TCP: an attempt is SYN without ACK, whatever the other flags.
 #[inline(always)]
-fn tcp(ctx: &XdpContext, off: usize, source: Source) -> Result<Attempt, Reason> {
+fn tcp(ctx: &XdpContext, off: usize, source: Source, dst: [u8; 16]) -> Result<Attempt, Reason> {
     let h = at(ctx, off, 20)?;
     if read::<u8>(h + 12) >> 4 < 5 {
         return Err(Reason::Malformed);
@@ -170,6 +178,9 @@ fn tcp(ctx: &XdpContext, off: usize, source: Source) -> Result<Attempt, Reason> 
     }
     Ok(Attempt {
         source,
+        dst,
+        sport: be16(h),
         dport: be16(h + 2),
+        isn: u32::from_be_bytes(read::<[u8; 4]>(h + 4)),
     })
 }

@@ -6,13 +6,17 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit, group_v4, group_v6,
-    maps::{GroupKey, GroupState, RuleEntry, action, rule_flags},
+    line::{Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
+    maps::{
+        GroupKey, GroupState, PROBE_SLOTS, ProbeSlot, RuleEntry, WaitKey, Waiter, action, family,
+        rule_flags,
+    },
 };
 
 use crate::{
-    maps::{GROUPS, PROTECTED_PORTS, RULE_BUDGETS, RULES_V4, RULES_V6},
+    maps::{GROUPS, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES_V4, RULES_V6, WAITERS},
     parse::{Attempt, Source},
-    stats::count_rule,
+    stats::{count_rule, count_wait},
 };
 
 /// A budget word in a map value, shared by all CPUs.
@@ -42,11 +46,11 @@ impl TatCell for MapCell {
 pub fn police(attempt: &Attempt) -> Reason {
     let (rule, addr) = match attempt.source {
         Source::V4(a) => match RULES_V4.get(Key::new(32, a)) {
-            Some(r) => (*r, v4_key(group_v4(a, r.group_len))),
+            Some(r) => (r, v4_key(group_v4(a, r.group_len))),
             None => return Reason::NoRule,
         },
         Source::V6(a) => match RULES_V6.get(Key::new(128, a)) {
-            Some(r) => (*r, group_v6(a, r.group_len)),
+            Some(r) => (r, group_v6(a, r.group_len)),
             None => return Reason::NoRule,
         },
     };
@@ -58,7 +62,10 @@ pub fn police(attempt: &Attempt) -> Reason {
         count_rule(rule.rule_id, Outcome::Admitted);
         return Reason::Admitted;
     }
-    let verdict = budget_verdict(&rule, addr);
+    if rule.action == action::DEFER && rule.interval_ns != 0 {
+        return defer(attempt, rule, addr);
+    }
+    let verdict = budget_verdict(rule, addr);
     match (verdict, rule.action) {
         (Verdict::Admit, _) => {
             count_rule(rule.rule_id, Outcome::Admitted);
@@ -93,23 +100,29 @@ fn port_protected(port: u16) -> bool {
 /// Take from the group's budget and the rule's ceiling.
 #[inline(always)]
 fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
-    let group_budget = Budget {
-        interval_ns: rule.interval_ns,
-        tolerance_ns: rule.tolerance_ns,
-    };
-    if group_budget.interval_ns == 0 {
+    if rule.interval_ns == 0 {
         // Rate 0: nothing is admitted; no state to touch.
         return Verdict::OverGroup;
     }
-    let key = GroupKey {
-        rule_id: rule.rule_id,
-        addr,
-    };
-    let Some(group) = group_cell(&key) else {
+    let Some(group) = group_state(rule.rule_id, addr) else {
         return Verdict::Contended;
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    take_budget(rule, group, now)
+}
+
+/// Admit against the group's budget word and, if the rule has one, its ceiling. A
+/// function of its own: `defer` calls it from several places, and the verifier then
+/// checks one body instead of one copy per place.
+#[inline(never)]
+fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64) -> Verdict {
+    let group_budget = Budget {
+        interval_ns: rule.interval_ns,
+        tolerance_ns: rule.tolerance_ns,
+    };
+    // SAFETY: `group` points into a live GROUPS value (checked lookup).
+    let group = MapCell(unsafe { &raw mut (*group).tat_ns });
     if rule.ceiling_interval_ns == 0 {
         return admit::<_, MapCell>(&group, &group_budget, None, now);
     }
@@ -132,14 +145,138 @@ fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
     }
 }
 
-/// The group's budget word, created (full budget) on its first attempt.
+/// A new group's state: full budget, empty line. In global data, not on the stack.
+static NEW_GROUP: GroupState = GroupState {
+    tat_ns: 0,
+    line: LineState {
+        congested_until_ns: 0,
+        sec: 0,
+        hist: [0; 8],
+        thr: 0,
+        q_epoch: 0,
+        q_cur: 0,
+        q_prev: 0,
+    },
+};
+
+/// The group's state, created on its first attempt.
 #[inline(always)]
-fn group_cell(key: &GroupKey) -> Option<MapCell> {
-    if let Some(p) = GROUPS.get_ptr_mut(key) {
-        return Some(MapCell(p.cast()));
+fn group_state(rule_id: u32, addr: [u8; 16]) -> Option<*mut GroupState> {
+    let key = GroupKey { rule_id, addr };
+    if let Some(p) = GROUPS.get_ptr_mut(&key) {
+        return Some(p);
     }
     // Another CPU may insert the same group first: NOEXIST keeps its state, and the
     // second lookup finds whichever won.
-    let _ = GROUPS.insert(key, GroupState { tat_ns: 0 }, u64::from(BPF_NOEXIST));
-    GROUPS.get_ptr_mut(key).map(|p| MapCell(p.cast()))
+    let _ = GROUPS.insert(&key, &NEW_GROUP, u64::from(BPF_NOEXIST));
+    GROUPS.get_ptr_mut(&key)
+}
+
+/// `defer`: the group's waiting line decides (see `shaper_common::line`). A function
+/// of its own (a BPF-to-BPF call) so its stack does not add to the drop path's.
+#[inline(never)]
+fn defer(attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Reason {
+    let Some(group) = group_state(rule.rule_id, addr) else {
+        count_rule(rule.rule_id, Outcome::Dropped);
+        return Reason::Contended;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: points into the live GROUPS value; CPUs may race on these fields, which
+    // only shifts the order (the budget word is updated by compare-and-swap).
+    let line: &mut LineState = unsafe { &mut *(&raw mut (*group).line) };
+    let key = wait_key(attempt);
+    let hash = probe_hash(&key.probe_words(attempt.isn));
+    let slot = (hash as u32) & (PROBE_SLOTS - 1);
+    let tag = probe_tag(hash);
+    let mut waiting = false;
+    let known = if line.quiet(now) {
+        Known::Unknown
+    } else {
+        // SAFETY: the value is copied out right away.
+        match unsafe { WAITERS.get(&key) }.copied() {
+            Some(w) if w.isn == attempt.isn => {
+                waiting = true;
+                Known::Waiting {
+                    first_seen_ns: w.first_seen_ns,
+                }
+            }
+            _ => match PROBES.get(slot) {
+                Some(p) if p.tag == tag => Known::Probed {
+                    first_seen_ns: p.first_seen_ns,
+                },
+                _ => Known::Unknown,
+            },
+        }
+    };
+    match knock(line, &rule.line_rule(), known, now, || {
+        take_budget(rule, group, now)
+    }) {
+        Decision::Admit => {
+            if waiting {
+                let _ = WAITERS.remove(&key);
+            }
+            count_rule(rule.rule_id, Outcome::Admitted);
+            Reason::Admitted
+        }
+        Decision::AdmitAfterWait { wait_ns } => {
+            if waiting {
+                let _ = WAITERS.remove(&key);
+            }
+            count_rule(rule.rule_id, Outcome::AdmittedAfterWait);
+            count_wait(rule.rule_id, wait_ns);
+            Reason::AdmittedAfterWait
+        }
+        Decision::Defer { remember } => {
+            match remember {
+                Remember::Nothing => {}
+                Remember::Probe => {
+                    if waiting {
+                        let _ = WAITERS.remove(&key);
+                    }
+                    if let Some(p) = PROBES.get_ptr_mut(slot) {
+                        let probe = ProbeSlot {
+                            tag,
+                            _pad: 0,
+                            first_seen_ns: now,
+                        };
+                        // SAFETY: a checked slot of the array; a racing CPU's write
+                        // to the same slot only replaces one probe with another.
+                        unsafe { p.write_volatile(probe) };
+                    }
+                }
+                Remember::Waiter { first_seen_ns } => {
+                    let w = Waiter {
+                        isn: attempt.isn,
+                        rule_id: rule.rule_id,
+                        first_seen_ns,
+                    };
+                    let _ = WAITERS.insert(&key, &w, 0);
+                }
+            }
+            count_rule(rule.rule_id, Outcome::Deferred);
+            Reason::Deferred
+        }
+        Decision::QueueFull => {
+            count_rule(rule.rule_id, Outcome::QueueFull);
+            Reason::QueueFull
+        }
+    }
+}
+
+/// The waiting line's key of an attempt.
+#[inline(always)]
+fn wait_key(attempt: &Attempt) -> WaitKey {
+    let (src, fam) = match attempt.source {
+        Source::V4(a) => (v4_key(a), family::V4),
+        Source::V6(a) => (a, family::V6),
+    };
+    WaitKey {
+        src,
+        dst: attempt.dst,
+        sport: attempt.sport,
+        dport: attempt.dport,
+        family: fam,
+        _pad: [0; 3],
+    }
 }

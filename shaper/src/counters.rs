@@ -32,6 +32,10 @@ pub fn rule(ebpf: &Ebpf, rule_id: u32) -> Result<RuleStats> {
         for (s, c) in sum.counts.iter_mut().zip(cpu.counts.iter()) {
             *s = s.wrapping_add(*c);
         }
+        for (s, c) in sum.wait.iter_mut().zip(cpu.wait.iter()) {
+            *s = s.wrapping_add(*c);
+        }
+        sum.wait_sum_ns = sum.wait_sum_ns.wrapping_add(cpu.wait_sum_ns);
     }
     Ok(sum)
 }

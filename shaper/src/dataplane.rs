@@ -10,7 +10,8 @@ use aya::{
 };
 use shaper_common::maps::{
     MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_STATS, MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS,
-    MAX_PREFIXES, MAX_RULES, PROGRAM_NAME, PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats,
+    MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PROGRAM_NAME, PrefixV4, PrefixV6, RuleBudget, RuleEntry,
+    RuleStats,
 };
 
 use crate::policy::Compiled;
@@ -24,6 +25,8 @@ pub struct Capacity {
     pub prefixes: u32,
     /// Groups tracked at once (LRU).
     pub groups: u32,
+    /// Clients waiting in line, all `defer` groups together (LRU).
+    pub waiters: u32,
 }
 
 impl Default for Capacity {
@@ -32,6 +35,7 @@ impl Default for Capacity {
             rules: MAX_RULES,
             prefixes: MAX_PREFIXES,
             groups: MAX_GROUPS,
+            waiters: MAX_WAITERS,
         }
     }
 }
@@ -57,6 +61,7 @@ impl Dataplane {
             .map_max_entries(MAP_RULES_V4, capacity.prefixes)
             .map_max_entries(MAP_RULES_V6, capacity.prefixes)
             .map_max_entries(shaper_common::maps::MAP_GROUPS, capacity.groups)
+            .map_max_entries(shaper_common::maps::MAP_WAITERS, capacity.waiters)
             .load(object)
             .context(
                 "loading the BPF object failed (are you root, with BPF enabled in the kernel?)",

@@ -221,3 +221,15 @@ pub fn syn_v4(src: [u8; 4], dport: u16) -> Vec<u8> {
 pub fn syn_v6(src: [u8; 16], dport: u16) -> Vec<u8> {
     ether(&[], ETH_IPV6, &ipv6_tcp(src, dport, SYN, &[]))
 }
+
+/// A SYN from `src:sport` with sequence number `isn` to the server's `dport`: one
+/// client's attempt (its retransmissions repeat all of it).
+pub fn syn_v4_isn(src: [u8; 4], sport: u16, dport: u16, isn: u32) -> Vec<u8> {
+    let mut t = tcp_header(sport, dport, SYN);
+    t.sequence_number = isn;
+    let ip = ipv4_header(src, 6, t.header_len(), &[], 0, false);
+    t.checksum = t.calc_checksum_ipv4(&ip, &[]).unwrap_or(0);
+    let mut v = ip.to_bytes().to_vec();
+    v.extend_from_slice(&t.to_bytes());
+    ether(&[], ETH_IPV4, &v)
+}

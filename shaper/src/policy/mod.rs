@@ -76,6 +76,8 @@ pub struct Rule {
     pub ceiling: Option<Rate>,
     #[serde(with = "secs")]
     pub max_wait: Duration,
+    /// `defer`: most clients one group keeps waiting.
+    pub max_waiting: u32,
 }
 
 /// A validated policy.

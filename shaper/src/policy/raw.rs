@@ -34,6 +34,8 @@ pub struct RawRule {
     pub action: Option<Spanned<String>>,
     pub ceiling: Option<Spanned<toml::Value>>,
     pub max_wait: Option<Spanned<String>>,
+    /// `defer`: most clients one group keeps waiting.
+    pub max_waiting: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

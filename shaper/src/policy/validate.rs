@@ -16,6 +16,20 @@ const MAX_RATE_PER_S: u128 = 1_000_000;
 const MAX_BURST: i64 = 1_000_000;
 const MAX_WAIT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
 const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+/// Most clients one group may keep waiting (`max_waiting`).
+const MAX_WAITING: u32 = 1_000_000;
+
+/// Default line length of a group: twice what the budget can serve within `max_wait`
+/// (clients beyond that would be forgotten before their turn), at least 16.
+fn default_max_waiting(rate: Rate, burst: u64, max_wait: Duration) -> u32 {
+    let servable = rate
+        .per_second_ceil()
+        .saturating_mul(max_wait.as_secs().max(1))
+        .saturating_add(burst);
+    u32::try_from(servable.saturating_mul(2))
+        .unwrap_or(MAX_WAITING)
+        .clamp(16, MAX_WAITING)
+}
 
 struct Checker<'a> {
     file: &'a str,
@@ -175,6 +189,23 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
             Some(w) => wait(&mut c, w),
         };
 
+        let max_waiting = match &r.max_waiting {
+            None => Some(None),
+            Some(q) => match u32::try_from(*q.get_ref()) {
+                Ok(n) if (1..=MAX_WAITING).contains(&n) => Some(Some(n)),
+                _ => {
+                    c.err(
+                        q,
+                        format!(
+                            "max_waiting {} is out of range 1..={MAX_WAITING}",
+                            q.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+
         if let (
             Some(prefix),
             Some(rate),
@@ -183,8 +214,19 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
             Some(action),
             Some(ceiling),
             Some(max_wait),
-        ) = (prefix, rate, burst, group, action, ceiling, rule_wait)
-        {
+            Some(max_waiting),
+        ) = (
+            prefix,
+            rate,
+            burst,
+            group,
+            action,
+            ceiling,
+            rule_wait,
+            max_waiting,
+        ) {
+            let max_waiting =
+                max_waiting.unwrap_or_else(|| default_max_waiting(rate, burst, max_wait));
             rules.push(Rule {
                 name: name.clone(),
                 prefix,
@@ -194,6 +236,7 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
                 action,
                 ceiling,
                 max_wait,
+                max_waiting,
             });
         }
     }

@@ -30,6 +30,7 @@ fn rule(name: &str, prefix: &str, rate: Rate, burst: u64) -> Result<Rule> {
         action: Action::Drop,
         ceiling: None,
         max_wait: Duration::from_secs(30),
+        max_waiting: 1024,
     })
 }
 
