@@ -11,7 +11,7 @@
 //! 2. A knock that matches its probe is *proven*: the client joins the line (a bounded
 //!    table of waiters with their first-seen time), subject to the group's cap.
 //! 3. Every knock of a proven client counts its age (first SYN → now) in this second's
-//!    histogram of log2 age buckets. From the previous second's histogram the group
+//!    histogram of age buckets. From the previous second's histogram the group
 //!    derives a threshold: the oldest bucket that, with the older ones, holds at least
 //!    one second of budget. A knock at or above the threshold takes from the budget if
 //!    the budget allows; younger knocks wait. So the budget goes to the oldest knockers
@@ -32,8 +32,9 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// How long a group stays congested after it last refused an attempt.
 pub const CONGESTION_HOLD_NS: u64 = 3 * NS_PER_SEC;
 
-/// Age buckets: [0,1), [1,2), [2,4), [4,8), [8,16), [16,32), [32,64), [64,∞) seconds.
-pub const AGE_BUCKETS: usize = 8;
+/// Age buckets: one second wide for the first six seconds (where Linux knocks every
+/// second), then about a quarter wider each: see [`AGE_BOUNDS_S`].
+pub const AGE_BUCKETS: usize = 16;
 
 /// The line's state inside a group's entry (shared by all CPUs).
 #[repr(C)]
@@ -53,7 +54,7 @@ pub struct LineState {
     pub q_cur: u32,
     pub q_prev: u32,
 }
-const _: () = assert!(size_of::<LineState>() == 64);
+const _: () = assert!(size_of::<LineState>() == 96);
 
 /// A rule's line parameters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,7 +63,8 @@ pub struct LineRule {
     pub rate_per_s: u32,
     /// Most clients a group keeps in the line (joins over the last `max_wait`..2·`max_wait`).
     pub queue_cap: u32,
-    /// Clients older than this are forgotten (their next SYN starts again).
+    /// A client's place is released after this long: its next knock is admitted if the
+    /// budget allows at that moment (as under `drop`), else it starts again.
     pub max_wait_ns: u64,
 }
 
@@ -155,27 +157,22 @@ impl LineState {
     }
 }
 
+/// Upper bounds (exclusive, in seconds) of the age buckets but the last.
+pub const AGE_BOUNDS_S: [u64; AGE_BUCKETS - 1] =
+    [1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 19, 24, 30, 38, 48];
+
 /// The age bucket of a wait.
 #[inline(always)]
 pub fn age_bucket(age_ns: u64) -> usize {
     let s = age_ns / NS_PER_SEC;
-    if s < 1 {
-        0
-    } else if s < 2 {
-        1
-    } else if s < 4 {
-        2
-    } else if s < 8 {
-        3
-    } else if s < 16 {
-        4
-    } else if s < 32 {
-        5
-    } else if s < 64 {
-        6
-    } else {
-        7
+    let mut i = 0;
+    while i < AGE_BOUNDS_S.len() {
+        if s < AGE_BOUNDS_S[i] {
+            return i;
+        }
+        i += 1;
     }
+    AGE_BUCKETS - 1
 }
 
 /// The oldest bucket that, with the older ones, held one second of budget (0 if none).
@@ -209,10 +206,21 @@ pub fn knock(
         Known::Probed { first_seen_ns } => (first_seen_ns, true),
         Known::Waiting { first_seen_ns } => (first_seen_ns, false),
     };
-    let age = now.saturating_sub(first_seen_ns);
-    if age > rule.max_wait_ns || first_seen_ns > now {
-        // Forgotten: it starts again.
+    if first_seen_ns > now {
         return first_syn(line, congested, now, admit);
+    }
+    let age = now - first_seen_ns;
+    if age > rule.max_wait_ns {
+        // Its place is released. It is still a proven client (older than anyone in
+        // line), so this knock gets what `drop` would give it; if the budget is spent
+        // it starts again.
+        if admit() == Verdict::Admit {
+            return Decision::AdmitAfterWait { wait_ns: age };
+        }
+        line.congest(now);
+        return Decision::Defer {
+            remember: Remember::Probe,
+        };
     }
     line.roll(now, rule.rate_per_s);
     let bucket = age_bucket(age);

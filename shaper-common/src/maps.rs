@@ -136,7 +136,7 @@ pub struct GroupState {
     pub tat_ns: u64,
     pub line: crate::line::LineState,
 }
-const _: () = assert!(size_of::<GroupState>() == 72);
+const _: () = assert!(size_of::<GroupState>() == 104);
 
 /// Address family of a [`WaitKey`].
 pub mod family {

@@ -6,7 +6,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit, group_v4, group_v6,
-    line::{Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
+    line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
     maps::{
         GroupKey, GroupState, PROBE_SLOTS, ProbeSlot, RuleEntry, WaitKey, Waiter, action, family,
         rule_flags,
@@ -151,7 +151,7 @@ static NEW_GROUP: GroupState = GroupState {
     line: LineState {
         congested_until_ns: 0,
         sec: 0,
-        hist: [0; 8],
+        hist: [0; AGE_BUCKETS],
         thr: 0,
         q_epoch: 0,
         q_cur: 0,

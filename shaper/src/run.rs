@@ -8,7 +8,7 @@ use shaper::{
     dataplane::{Capacity, Dataplane},
     policy,
 };
-use shaper_common::Reason;
+use shaper_common::{Outcome, Reason};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::RunArgs;
@@ -52,6 +52,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 _ = tick.tick(), if args.stats_interval > 0 => log_counters(&dp, &policy),
             }
         }
+        log_counters(&dp, &policy);
         for link in links {
             dp.program()?.detach(link).context("detaching")?;
         }
@@ -77,10 +78,13 @@ fn log_counters(dp: &Dataplane, policy: &policy::Policy) {
         if let Ok(s) = dp.rule_counters(id as u32) {
             tracing::info!(
                 rule = %rule.name,
-                admitted = s.get(shaper_common::Outcome::Admitted),
-                dropped = s.get(shaper_common::Outcome::Dropped),
-                would_drop = s.get(shaper_common::Outcome::WouldDrop),
-                protected = s.get(shaper_common::Outcome::Protected),
+                admitted = s.get(Outcome::Admitted),
+                dropped = s.get(Outcome::Dropped),
+                deferred = s.get(Outcome::Deferred),
+                admitted_after_wait = s.get(Outcome::AdmittedAfterWait),
+                queue_full = s.get(Outcome::QueueFull),
+                would_drop = s.get(Outcome::WouldDrop),
+                protected = s.get(Outcome::Protected),
                 "rule"
             );
         }

@@ -2,8 +2,11 @@
 //! builders, and the network-namespace testbed with its traffic generators (reused by
 //! `cargo xtask demo` and `cargo xtask bench`).
 
+pub mod crowd;
+pub mod flood;
 pub mod netns;
 pub mod packets;
 pub mod progrun;
+pub mod storm;
 pub mod tcp;
 pub mod testbed;

@@ -1,6 +1,8 @@
 //! The storm testbed shared by the end-to-end tests, the demo and the benchmarks: a
-//! server namespace and a client namespace joined by one veth pair, the server at
-//! 198.19.0.1 and 2001:db8::1, clients at the addresses asked for.
+//! server namespace and client namespaces, the server at 198.19.0.1 and 2001:db8::1,
+//! clients at the addresses asked for. One client namespace is joined to the server by
+//! a veth pair; several are joined through a bridge in a namespace of its own (the
+//! server's side stays one veth, where XDP attaches).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,7 +19,12 @@ pub const PORT: u16 = 8080;
 
 pub struct Testbed {
     pub srv: Netns,
+    /// The first client namespace.
     pub cli: Netns,
+    /// More client namespaces (on the bridge).
+    pub more: Vec<Netns>,
+    /// The bridge's namespace, if there are several clients.
+    pub switch: Option<Netns>,
 }
 
 impl Testbed {
@@ -26,24 +33,76 @@ impl Testbed {
         let srv = Netns::new("srv")?;
         let cli = Netns::new("cli")?;
         veth(&srv, SERVER_DEV, &cli, "c0")?;
-        srv.ip(&["addr", "add", &format!("{SERVER_V4}/15"), "dev", SERVER_DEV])?;
-        srv.ip(&[
-            "addr",
-            "add",
-            &format!("{SERVER_V6}/32"),
-            "dev",
-            SERVER_DEV,
-            "nodad",
-        ])?;
-        for a in clients {
-            match a {
-                IpAddr::V4(_) => cli.ip(&["addr", "add", &format!("{a}/15"), "dev", "c0"])?,
-                IpAddr::V6(_) => {
-                    cli.ip(&["addr", "add", &format!("{a}/32"), "dev", "c0", "nodad"])?
-                }
+        server_addrs(&srv)?;
+        client_addrs(&cli, clients)?;
+        Ok(Testbed {
+            srv,
+            cli,
+            more: Vec::new(),
+            switch: None,
+        })
+    }
+
+    /// One client namespace per address set, all on one bridge with the server.
+    pub fn lan(sets: &[&[IpAddr]]) -> Result<Testbed> {
+        let srv = Netns::new("srv")?;
+        let sw = Netns::new("sw")?;
+        sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+        sw.ip(&["link", "set", "br0", "up"])?;
+        veth(&srv, SERVER_DEV, &sw, "p0")?;
+        sw.ip(&["link", "set", "p0", "master", "br0"])?;
+        server_addrs(&srv)?;
+        let mut clis = Vec::new();
+        for (i, set) in sets.iter().enumerate() {
+            let cli = Netns::new(&format!("cli{i}"))?;
+            let port = format!("p{}", i + 1);
+            veth(&cli, "c0", &sw, &port)?;
+            sw.ip(&["link", "set", &port, "master", "br0"])?;
+            client_addrs(&cli, set)?;
+            clis.push(cli);
+        }
+        let mut clis = clis.into_iter();
+        let cli = clis
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("a LAN needs at least one client set"))?;
+        Ok(Testbed {
+            srv,
+            cli,
+            more: clis.collect(),
+            switch: Some(sw),
+        })
+    }
+
+    /// Every client namespace, the first one first.
+    pub fn clients(&self) -> Vec<&Netns> {
+        std::iter::once(&self.cli).chain(self.more.iter()).collect()
+    }
+
+    /// The server veth's MAC address.
+    pub fn server_mac(&self) -> Result<[u8; 6]> {
+        let out = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &self.srv.name,
+                "-br",
+                "link",
+                "show",
+                "dev",
+                SERVER_DEV,
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text
+            .split_whitespace()
+            .nth(2)
+            .ok_or_else(|| anyhow::anyhow!("no MAC in `{text}`"))?;
+        let mut b = [0u8; 6];
+        for (i, part) in mac.split(':').enumerate() {
+            if let Some(slot) = b.get_mut(i) {
+                *slot = u8::from_str_radix(part, 16)?;
             }
         }
-        Ok(Testbed { srv, cli })
+        Ok(b)
     }
 
     /// The server's listening address for a client of `src`'s family.
@@ -51,6 +110,28 @@ impl Testbed {
         let ip = if src.is_ipv4() { SERVER_V4 } else { SERVER_V6 };
         SocketAddr::new(ip.parse().unwrap_or(src), PORT)
     }
+}
+
+fn server_addrs(srv: &Netns) -> Result<()> {
+    srv.ip(&["addr", "add", &format!("{SERVER_V4}/15"), "dev", SERVER_DEV])?;
+    srv.ip(&[
+        "addr",
+        "add",
+        &format!("{SERVER_V6}/32"),
+        "dev",
+        SERVER_DEV,
+        "nodad",
+    ])
+}
+
+fn client_addrs(cli: &Netns, addrs: &[IpAddr]) -> Result<()> {
+    for a in addrs {
+        match a {
+            IpAddr::V4(_) => cli.ip(&["addr", "add", &format!("{a}/15"), "dev", "c0"])?,
+            IpAddr::V6(_) => cli.ip(&["addr", "add", &format!("{a}/32"), "dev", "c0", "nodad"])?,
+        }
+    }
+    Ok(())
 }
 
 /// Parse a literal address (test constants).
