@@ -49,6 +49,25 @@ impl Budget {
         Budget::new(rate, NS_PER_SEC, burst)
     }
 
+    /// The same budget with `admissions` of its burst held back (the tolerance shrinks;
+    /// the rate does not change).
+    #[inline(always)]
+    pub const fn reserving(&self, admissions: u64) -> Budget {
+        if self.interval_ns == 0 {
+            return *self;
+        }
+        // No 128-bit multiply on BPF: bound first, then the product cannot overflow.
+        let held = if admissions >= self.tolerance_ns / self.interval_ns {
+            self.tolerance_ns
+        } else {
+            admissions * self.interval_ns
+        };
+        Budget {
+            interval_ns: self.interval_ns,
+            tolerance_ns: self.tolerance_ns - held,
+        }
+    }
+
     /// Does an attempt at `now` conform, given the state `tat`? If so, the new state.
     ///
     /// Any overflow refuses: at the edges of u64 the budget errs towards admitting less.

@@ -36,6 +36,10 @@ pub const CONGESTION_HOLD_NS: u64 = 3 * NS_PER_SEC;
 /// second), then about a quarter wider each: see [`AGE_BOUNDS_S`].
 pub const AGE_BUCKETS: usize = 16;
 
+/// Admissions of the burst that knocks at the threshold leave to older knocks (see
+/// [`knock`]). A constant amount held back, not a rate: the budget still serves `rate`.
+pub const RESERVE: u64 = 2;
+
 /// The line's state inside a group's entry (shared by all CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -190,15 +194,16 @@ pub fn threshold(hist: &[u32; AGE_BUCKETS], rate_per_s: u32) -> u32 {
     0
 }
 
-/// Decide one SYN of a `defer` rule's group. `admit` takes from the budget (group and
-/// ceiling); it is called at most once.
+/// Decide one SYN of a `defer` rule's group. `admit(reserve)` takes from the budget
+/// (group and ceiling), leaving `reserve` admissions of the group's burst untouched; it
+/// is called at most once.
 #[inline(always)]
 pub fn knock(
     line: &mut LineState,
     rule: &LineRule,
     known: Known,
     now: u64,
-    admit: impl FnOnce() -> Verdict,
+    admit: impl FnOnce(u64) -> Verdict,
 ) -> Decision {
     let congested = now < line.congested_until_ns;
     let (first_seen_ns, proven_now) = match known {
@@ -214,7 +219,7 @@ pub fn knock(
         // Its place is released. It is still a proven client (older than anyone in
         // line), so this knock gets what `drop` would give it; if the budget is spent
         // it starts again.
-        if admit() == Verdict::Admit {
+        if admit(0) == Verdict::Admit {
             return Decision::AdmitAfterWait { wait_ns: age };
         }
         line.congest(now);
@@ -227,7 +232,15 @@ pub fn knock(
     if let Some(h) = line.hist.get_mut(bucket) {
         *h = h.saturating_add(1);
     }
-    if (!congested || bucket as u32 >= line.thr) && admit() == Verdict::Admit {
+    // Knocks in the threshold's own bucket (the crowded one) leave the last RESERVE
+    // admissions of the burst to older knocks: those come seldom (Linux waits 8–32 s
+    // between its late retransmissions) and must not find the budget just taken.
+    let reserve = if congested && bucket as u32 == line.thr {
+        RESERVE
+    } else {
+        0
+    };
+    if (!congested || bucket as u32 >= line.thr) && admit(reserve) == Verdict::Admit {
         return Decision::AdmitAfterWait { wait_ns: age };
     }
     line.congest(now);
@@ -252,9 +265,9 @@ fn first_syn(
     line: &mut LineState,
     congested: bool,
     now: u64,
-    admit: impl FnOnce() -> Verdict,
+    admit: impl FnOnce(u64) -> Verdict,
 ) -> Decision {
-    if !congested && admit() == Verdict::Admit {
+    if !congested && admit(0) == Verdict::Admit {
         return Decision::Admit;
     }
     line.congest(now);

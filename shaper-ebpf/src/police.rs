@@ -109,18 +109,19 @@ fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    take_budget(rule, group, now)
+    take_budget(rule, group, now, 0)
 }
 
 /// Admit against the group's budget word and, if the rule has one, its ceiling. A
 /// function of its own: `defer` calls it from several places, and the verifier then
 /// checks one body instead of one copy per place.
 #[inline(never)]
-fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64) -> Verdict {
+fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64) -> Verdict {
     let group_budget = Budget {
         interval_ns: rule.interval_ns,
         tolerance_ns: rule.tolerance_ns,
-    };
+    }
+    .reserving(reserve);
     // SAFETY: `group` points into a live GROUPS value (checked lookup).
     let group = MapCell(unsafe { &raw mut (*group).tat_ns });
     if rule.ceiling_interval_ns == 0 {
@@ -209,8 +210,8 @@ fn defer(attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Reason {
             },
         }
     };
-    match knock(line, &rule.line_rule(), known, now, || {
-        take_budget(rule, group, now)
+    match knock(line, &rule.line_rule(), known, now, |reserve| {
+        take_budget(rule, group, now, reserve)
     }) {
         Decision::Admit => {
             if waiting {

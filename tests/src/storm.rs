@@ -336,8 +336,21 @@ pub fn table(reports: &[StormReport]) -> String {
     );
     for r in reports {
         for g in &r.groups {
+            let secs = |q: f64| {
+                let v = g.wait_quantile(q);
+                if v.is_nan() {
+                    "—".to_string()
+                } else {
+                    format!("{v:.1} s")
+                }
+            };
+            let rho = if g.connected < 3 {
+                "—".to_string()
+            } else {
+                format!("{:.3}", g.rho)
+            };
             s.push_str(&format!(
-                "| {} | {} | {}.{}.{}.0/24 | {}/{} | {:.1} s | {:.1} s | {:.1} s | {:.3} | {} ({}) |\n",
+                "| {} | {} | {}.{}.{}.0/24 | {}/{} | {} | {} | {} | {rho} | {} ({}) |\n",
                 r.spec.action,
                 r.spec.flood_per_s,
                 g.net[0],
@@ -345,10 +358,9 @@ pub fn table(reports: &[StormReport]) -> String {
                 g.net[2],
                 g.connected,
                 g.clients,
-                g.wait_quantile(0.5),
-                g.wait_quantile(0.99),
-                g.wait_quantile(1.0),
-                g.rho,
+                secs(0.5),
+                secs(0.99),
+                secs(1.0),
                 g.max_1s,
                 r.spec.rate + r.spec.burst,
             ));

@@ -74,9 +74,9 @@ impl Group {
     /// One SYN of client `id` (its identity hash) at `now`.
     fn syn(&mut self, id: u64, now: u64) -> Out {
         let (tat, budget) = (&self.tat, &self.budget);
-        let take = || admit::<_, Plain>(tat, budget, None, now);
+        let take = |reserve: u64| admit::<_, Plain>(tat, &budget.reserving(reserve), None, now);
         if !self.defer {
-            return if take() == Verdict::Admit {
+            return if take(0) == Verdict::Admit {
                 Out::Admit
             } else {
                 Out::Dropped
@@ -407,7 +407,7 @@ proptest! {
         hold in 1u64..CONGESTION_HOLD_NS,
     ) {
         let mut line = LineState { congested_until_ns: now + hold, ..LineState::default() };
-        let d = knock(&mut line, &rule(10), Known::Unknown, now, || {
+        let d = knock(&mut line, &rule(10), Known::Unknown, now, |_| {
             panic!("budget asked for an unproven SYN")
         });
         prop_assert_eq!(d, Decision::Defer { remember: Remember::Probe });
