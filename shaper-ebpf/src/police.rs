@@ -109,7 +109,7 @@ fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    take_budget(rule, group, now, 0)
+    admit_budget(rule, group, now, 0)
 }
 
 /// Admit against the group's budget word and, if the rule has one, its ceiling. A
@@ -117,6 +117,12 @@ fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
 /// checks one body instead of one copy per place.
 #[inline(never)]
 fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64) -> Verdict {
+    admit_budget(rule, group, now, reserve)
+}
+
+/// [`take_budget`], inlined into the `drop` path.
+#[inline(always)]
+fn admit_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64) -> Verdict {
     let group_budget = Budget {
         interval_ns: rule.interval_ns,
         tolerance_ns: rule.tolerance_ns,

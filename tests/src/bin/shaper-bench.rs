@@ -17,6 +17,10 @@ const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 7;
 
 fn rule(name: &str, prefix: &str, rate: Rate, burst: u64) -> Result<Rule> {
+    rule_with(name, prefix, rate, burst, Action::Drop)
+}
+
+fn rule_with(name: &str, prefix: &str, rate: Rate, burst: u64, action: Action) -> Result<Rule> {
     let prefix = Prefix::parse(prefix).map_err(anyhow::Error::msg)?;
     Ok(Rule {
         name: name.into(),
@@ -27,7 +31,7 @@ fn rule(name: &str, prefix: &str, rate: Rate, burst: u64) -> Result<Rule> {
         prefix,
         rate,
         burst,
-        action: Action::Drop,
+        action,
         ceiling: None,
         max_wait: Duration::from_secs(30),
         max_waiting: 1024,
@@ -53,6 +57,23 @@ fn policy(n: usize) -> Result<Policy> {
             1,
         )?,
         rule("admit6", "2001:db8:1::/48", open, 1_000_000_000_000)?,
+        rule_with(
+            "defer-open",
+            "198.18.3.0/24",
+            open,
+            1_000_000_000_000,
+            Action::Defer,
+        )?,
+        rule_with(
+            "defer-full",
+            "198.18.4.0/24",
+            Rate {
+                count: 1,
+                period_ns: 1_000_000_000,
+            },
+            1,
+            Action::Defer,
+        )?,
     ];
     let mut i = 0u32;
     while rules.len() < n {
@@ -107,6 +128,9 @@ fn main() -> Result<()> {
         443,
     );
     let syn_drop = syn_v4([198, 18, 2, 5], 443);
+    let syn_defer_ok = syn_v4([198, 18, 3, 5], 443);
+    // Repeated, the same SYN is a waiting client's knock (after its first and second).
+    let syn_deferred = syn_v4([198, 18, 4, 5], 443);
     println!(
         "BPF_PROG_TEST_RUN, {REPEAT} runs per sample, median of {ROUNDS} samples; ns per packet"
     );
@@ -120,12 +144,14 @@ fn main() -> Result<()> {
             ..Capacity::default()
         };
         let mut h = Harness::from_policy(policy(n)?, cap)?;
-        let cases: [(&str, &[u8]); 5] = [
+        let cases: [(&str, &[u8]); 7] = [
             ("established TCP, IPv4", &est4),
             ("established TCP, IPv6", &est6),
             ("SYN admitted, IPv4", &syn_ok),
             ("SYN admitted, IPv6", &syn_ok6),
             ("SYN dropped, IPv4", &syn_drop),
+            ("SYN admitted, defer, quiet group, IPv4", &syn_defer_ok),
+            ("SYN deferred (waiting client knocks), IPv4", &syn_deferred),
         ];
         for (name, pkt) in cases {
             let (mut prog_ns, mut bare_ns) = (Vec::new(), Vec::new());
