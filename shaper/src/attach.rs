@@ -1,7 +1,11 @@
 //! Attaching the program to interfaces, with an explicit, logged fallback.
 
-use anyhow::{Result, anyhow};
-use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
+use std::{os::fd::AsFd as _, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::programs::Xdp;
+
+use crate::{bpfsys, pins};
 
 /// How to attach, as the operator asks for it (`--mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -30,39 +34,176 @@ impl std::fmt::Display for Attached {
     }
 }
 
-/// Attach `prog` to `iface` in `mode`.
-pub fn attach(prog: &mut Xdp, iface: &str, mode: Mode) -> Result<(XdpLinkId, Attached)> {
-    let native = |prog: &mut Xdp| prog.attach(iface, XdpMode::Driver);
-    let skb = |prog: &mut Xdp| prog.attach(iface, XdpMode::Skb);
-    match mode {
-        Mode::Native => native(prog).map(|l| (l, Attached::Native)).map_err(|e| {
+/// The program on an interface, as attached or adopted.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    pub iface: String,
+    /// The mode in use (`None` when adopted and the kernel does not say).
+    pub mode: Option<Attached>,
+    pub prog_id: u32,
+    pub link_id: u32,
+    /// The link was pinned by an earlier daemon and its program replaced atomically.
+    pub adopted: bool,
+}
+
+/// Attach `prog` to `iface` through a pinned BPF link in `dir`, or, if `dir` holds a live
+/// link already (an earlier daemon, even one killed with SIGKILL), replace that link's
+/// program atomically: no second attachment and no moment without a program.
+///
+/// Another tool's XDP program on the interface is refused with its id, unless
+/// `replace_foreign`.
+pub fn attach_pinned(
+    prog: &Xdp,
+    iface: &str,
+    mode: Mode,
+    dir: &Path,
+    replace_foreign: bool,
+) -> Result<Attachment> {
+    let prog_fd = prog.fd().context("the program is not loaded")?;
+    let prog_fd = prog_fd.as_fd();
+    let prog_id = bpfsys::prog_id(prog_fd).context("reading the program's id")?;
+    let pin = dir.join(pins::LINK);
+    if pin.exists() {
+        let link = bpfsys::obj_get(&pin)
+            .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+        let info = bpfsys::xdp_link_info(link.as_fd())?;
+        if info.ifindex != 0 {
+            bpfsys::link_update(link.as_fd(), prog_fd, None)
+                .with_context(|| format!("replacing the program on {iface}'s pinned link"))?;
+            return Ok(Attachment {
+                iface: iface.to_string(),
+                mode: kernel_mode(iface),
+                prog_id,
+                link_id: info.link_id,
+                adopted: true,
+            });
+        }
+        // The interface went away: the link is defunct. Start again.
+        tracing::warn!(iface, link = %pin.display(), "pinned link is defunct (interface gone); replacing it");
+        std::fs::remove_file(&pin)?;
+    }
+    let ifindex = ifindex(iface)?;
+    let create = |flags: u32| bpfsys::xdp_link_create(prog_fd, ifindex, flags);
+    let try_mode = |m: Attached| -> std::io::Result<std::os::fd::OwnedFd> {
+        match create(m.flags()) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && replace_foreign => {
+                let other = foreign_program(iface);
+                tracing::warn!(iface, other = %other, "--replace: detaching another XDP program");
+                remove_foreign(iface);
+                create(m.flags())
+            }
+            r => r,
+        }
+    };
+    let busy = |e: &std::io::Error| e.raw_os_error() == Some(libc::EBUSY);
+    let refuse = |e: std::io::Error| -> anyhow::Error {
+        if busy(&e) {
             anyhow!(
-                "attaching to {iface} in native mode failed: {e}; the driver may not \
-                 support XDP: try --mode skb (or --mode auto)"
+                "{iface} already has an XDP program ({}) that shaper did not attach; refusing                  to replace it. Detach it first, or pass --replace to take the interface over",
+                foreign_program(iface)
             )
-        }),
-        Mode::Skb => skb(prog).map(|l| (l, Attached::Skb)).map_err(|e| {
-            anyhow!(
-                "attaching to {iface} in skb mode failed: {e}; check the interface exists \
-                 and no other XDP program is attached (`ip link show {iface}`)"
-            )
-        }),
-        Mode::Auto => match native(prog) {
-            Ok(l) => Ok((l, Attached::Native)),
+        } else {
+            anyhow!("attaching to {iface}: {e}")
+        }
+    };
+    let (link, used) = match mode {
+        Mode::Native => (
+            try_mode(Attached::Native).map_err(|e| {
+                if busy(&e) {
+                    refuse(e)
+                } else {
+                    anyhow!(
+                        "attaching to {iface} in native mode failed: {e}; the driver may not                          support XDP: try --mode skb (or --mode auto)"
+                    )
+                }
+            })?,
+            Attached::Native,
+        ),
+        Mode::Skb => (try_mode(Attached::Skb).map_err(refuse)?, Attached::Skb),
+        Mode::Auto => match try_mode(Attached::Native) {
+            Ok(l) => (l, Attached::Native),
+            Err(e) if busy(&e) => return Err(refuse(e)),
             Err(native_err) => {
                 tracing::warn!(
                     iface,
                     error = %native_err,
                     "native XDP attach failed; falling back to skb (generic) mode"
                 );
-                skb(prog).map(|l| (l, Attached::Skb)).map_err(|e| {
-                    anyhow!(
-                        "attaching to {iface} failed in native mode ({native_err}) and in skb \
-                         mode ({e}); check the interface exists and no other XDP program is \
-                         attached (`ip link show {iface}`)"
-                    )
-                })
+                (
+                    try_mode(Attached::Skb).map_err(|e| {
+                        anyhow!(
+                            "attaching to {iface} failed in native mode ({native_err}) and in                              skb mode ({e})"
+                        )
+                    })?,
+                    Attached::Skb,
+                )
             }
         },
+    };
+    bpfsys::obj_pin(link.as_fd(), &pin)
+        .with_context(|| format!("pinning the link at {}", pin.display()))?;
+    let info = bpfsys::xdp_link_info(link.as_fd())?;
+    Ok(Attachment {
+        iface: iface.to_string(),
+        mode: Some(used),
+        prog_id,
+        link_id: info.link_id,
+        adopted: false,
+    })
+}
+
+impl Attached {
+    fn flags(self) -> u32 {
+        match self {
+            Attached::Native => bpfsys::XDP_FLAGS_DRV_MODE,
+            Attached::Skb => bpfsys::XDP_FLAGS_SKB_MODE,
+        }
+    }
+}
+
+fn ifindex(iface: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(iface)?;
+    // SAFETY: a valid C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface named {iface} (see `ip link`)"),
+        i => Ok(i),
+    }
+}
+
+/// `ip -d link show IF`, for what the kernel reports of XDP on it.
+fn ip_link(iface: &str) -> String {
+    std::process::Command::new("ip")
+        .args(["-d", "link", "show", "dev", iface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The mode the kernel reports for the XDP program on `iface`.
+pub fn kernel_mode(iface: &str) -> Option<Attached> {
+    let text = ip_link(iface);
+    if text.contains("xdpgeneric") {
+        Some(Attached::Skb)
+    } else if text.contains("xdp") {
+        Some(Attached::Native)
+    } else {
+        None
+    }
+}
+
+/// A description of the XDP program another tool attached (its id, from `ip`).
+fn foreign_program(iface: &str) -> String {
+    let text = ip_link(iface);
+    text.split_whitespace()
+        .skip_while(|w| !w.starts_with("prog/xdp"))
+        .nth(2)
+        .map_or_else(|| "id unknown".to_string(), |id| format!("program id {id}"))
+}
+
+fn remove_foreign(iface: &str) {
+    for kind in ["xdp", "xdpgeneric", "xdpdrv"] {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "set", "dev", iface, kind, "off"])
+            .status();
     }
 }

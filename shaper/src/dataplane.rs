@@ -1,6 +1,7 @@
 //! Loading the XDP program and writing a compiled policy into its maps.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
@@ -54,18 +55,40 @@ impl Dataplane {
 
     /// Load an object (the embedded one, or another build for upgrade tests).
     pub fn load_object(object: &[u8], capacity: Capacity) -> Result<Dataplane> {
+        Self::load_object_pinned(object, capacity, None)
+    }
+
+    /// Load the embedded object with its maps pinned in `dir` (reused if pinned there
+    /// already, after a layout check).
+    pub fn load_pinned(capacity: Capacity, dir: &Path) -> Result<Dataplane> {
+        Self::load_object_pinned(crate::EBPF_OBJECT, capacity, Some(dir))
+    }
+
+    /// Load `object`; with `dir`, its maps are pinned there (and adopted if present).
+    pub fn load_object_pinned(
+        object: &[u8],
+        capacity: Capacity,
+        dir: Option<&Path>,
+    ) -> Result<Dataplane> {
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)
             .map_max_entries(MAP_RULES_V4, capacity.prefixes)
             .map_max_entries(MAP_RULES_V6, capacity.prefixes)
             .map_max_entries(shaper_common::maps::MAP_GROUPS, capacity.groups)
-            .map_max_entries(shaper_common::maps::MAP_WAITERS, capacity.waiters)
-            .load(object)
-            .context(
-                "loading the BPF object failed (are you root, with BPF enabled in the kernel?)",
-            )?;
+            .map_max_entries(shaper_common::maps::MAP_WAITERS, capacity.waiters);
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            crate::pins::check_layout(dir, &capacity)?;
+            for name in crate::pins::PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(object).context(
+            "loading the BPF object failed (are you root, with BPF enabled in the kernel?)",
+        )?;
         let prog = program_mut(&mut ebpf, PROGRAM_NAME)?;
         prog.load().map_err(|e| {
             anyhow!(
@@ -133,6 +156,48 @@ impl Dataplane {
             stats.set(id, zeros, 0)?;
         }
         Ok(())
+    }
+
+    /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters.
+    pub fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
+        use shaper_common::maps::{GroupKey, GroupState, MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
+        let groups = self.ebpf.map(MAP_GROUPS).and_then(|m| {
+            aya::maps::HashMap::<_, GroupKey, GroupState>::try_from(m)
+                .ok()
+                .map(|h| h.keys().count() as u64)
+        });
+        let waiters = self.ebpf.map(MAP_WAITERS).and_then(|m| {
+            aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
+                .ok()
+                .map(|h| h.keys().count() as u64)
+        });
+        let trie = |name: &str| -> Option<u64> {
+            let m = self.ebpf.map(name)?;
+            if name == MAP_RULES_V4 {
+                LpmTrie::<&MapData, PrefixV4, RuleEntry>::try_from(m)
+                    .ok()
+                    .map(|t| t.keys().count() as u64)
+            } else {
+                LpmTrie::<&MapData, PrefixV6, RuleEntry>::try_from(m)
+                    .ok()
+                    .map(|t| t.keys().count() as u64)
+            }
+        };
+        let c = &self.capacity;
+        vec![
+            (
+                MAP_RULES_V4,
+                trie(MAP_RULES_V4).unwrap_or(0),
+                u64::from(c.prefixes),
+            ),
+            (
+                MAP_RULES_V6,
+                trie(MAP_RULES_V6).unwrap_or(0),
+                u64::from(c.prefixes),
+            ),
+            (MAP_GROUPS, groups.unwrap_or(0), u64::from(c.groups)),
+            (MAP_WAITERS, waiters.unwrap_or(0), u64::from(c.waiters)),
+        ]
     }
 
     /// The global counters, summed over CPUs, indexed by `Reason`.

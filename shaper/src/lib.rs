@@ -2,8 +2,11 @@
 //! CLI; this library holds their parts so the privileged tests can use the same code.
 
 pub mod attach;
+pub mod bpfsys;
+pub mod control;
 pub mod counters;
 pub mod dataplane;
+pub mod pins;
 pub mod policy;
 
 /// The XDP program, built by `build.rs` from `shaper-ebpf`.

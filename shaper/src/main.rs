@@ -2,6 +2,7 @@
 
 mod cli;
 mod run;
+mod table;
 
 use std::process::ExitCode;
 

@@ -1,20 +1,61 @@
-//! `shaper run`: load, apply the policy, attach, wait for a signal, detach.
+//! `shaper run`: load (or adopt) the pinned data plane on each interface, enforce the
+//! policy, serve the control socket, reload on SIGHUP or when the config file changes.
+//! SIGTERM/SIGINT stop the daemon and leave the program attached: stopping protection is
+//! `shaper detach`, not a restart.
 
-use std::time::Duration;
-
-use anyhow::{Context as _, Result, anyhow};
-use shaper::{
-    attach,
-    dataplane::{Capacity, Dataplane},
-    policy,
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
-use shaper_common::{Outcome, Reason};
-use tokio::signal::unix::{SignalKind, signal};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures_util::{SinkExt as _, StreamExt as _};
+use shaper::{
+    attach::{self, Attachment},
+    control::{
+        self, Envelope, IfaceStatus, MapFill, PolicyView, Request, Response, RuleStatsView, Stats,
+        Status,
+    },
+    dataplane::{Capacity, Dataplane},
+    pins,
+    policy::{self, Action, Policy},
+};
+use shaper_common::{
+    Outcome, Reason,
+    maps::{WAIT_BOUNDS_S, WAIT_BUCKETS},
+};
+use tokio::{
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::cli::RunArgs;
 
+/// One protected interface.
+struct Iface {
+    dp: Dataplane,
+    att: Attachment,
+    dir: PathBuf,
+}
+
+/// What the daemon enforces, shared by the signal loop and the socket handlers.
+struct State {
+    ifaces: Vec<Iface>,
+    policy: Policy,
+    source: String,
+    hash: String,
+    generation: u64,
+    config: PathBuf,
+    started: Instant,
+}
+
 pub fn run(args: RunArgs) -> Result<()> {
-    let policy = policy::load(&args.config).map_err(|e| {
+    let source = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading the policy file {}", args.config.display()))?;
+    let policy = policy::parse(&args.config.display().to_string(), &source).map_err(|e| {
         anyhow!(
             "{e}\nthe policy is invalid; nothing was loaded (check it with `shaper policy check`)"
         )
@@ -24,69 +65,444 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        // Loading runs the verifier: keep it off the async threads.
-        let mut dp = tokio::task::spawn_blocking(|| Dataplane::load(Capacity::default()))
+        pins::ensure_root(&args.pin_root)?;
+        let compiled = policy.compile();
+        let mut ifaces = Vec::new();
+        for iface in &args.ifaces {
+            let dir = pins::iface_dir(&args.pin_root, iface);
+            let d2 = dir.clone();
+            // Loading runs the verifier: keep it off the async thread.
+            let mut dp = tokio::task::spawn_blocking(move || {
+                Dataplane::load_pinned(Capacity::default(), &d2)
+            })
             .await
             .context("the loader task failed")??;
-        dp.apply(&policy.compile())
-            .context("writing the policy into the maps")?;
-        let mut links = Vec::new();
-        for iface in &args.ifaces {
-            let (link, mode) = attach::attach(dp.program()?, iface, args.mode)?;
-            tracing::info!(iface, %mode, "attached");
-            links.push(link);
+            dp.apply(&compiled)
+                .context("writing the policy into the maps")?;
+            let att = attach::attach_pinned(dp.program()?, iface, args.mode, &dir, args.replace)?;
+            tracing::info!(
+                iface,
+                mode = att.mode.map_or("unknown".to_string(), |m| m.to_string()),
+                prog_id = att.prog_id,
+                link_id = att.link_id,
+                pins = %dir.display(),
+                "{}",
+                if att.adopted {
+                    "adopted the pinned link; program replaced atomically"
+                } else {
+                    "attached"
+                }
+            );
+            ifaces.push(Iface { dp, att, dir });
         }
+        let hash = control::policy_hash(&source);
         tracing::info!(
             rules = policy.rules.len(),
             config = %args.config.display(),
+            hash = %hash,
             "enforcing"
         );
+        let state = Arc::new(Mutex::new(State {
+            ifaces,
+            policy,
+            source,
+            hash,
+            generation: 1,
+            config: args.config.clone(),
+            started: Instant::now(),
+        }));
+        let listener = listen(&args.socket)?;
+        notify("READY=1");
+
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let every = Duration::from_secs(args.stats_interval.max(1));
         let mut tick = tokio::time::interval(every);
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = tick.tick(), if args.stats_interval > 0 => log_counters(&dp, &policy),
+                _ = hup.recv() => reload(&state, "SIGHUP"),
+                _ = watch.tick() => {
+                    if config_changed(&state) {
+                        reload(&state, "the config file changed");
+                    }
+                }
+                _ = tick.tick(), if args.stats_interval > 0 => {
+                    if let Ok(s) = state.lock() {
+                        log_counters(&s);
+                    }
+                }
+                conn = listener.accept() => match conn {
+                    Ok((stream, _)) => {
+                        let st = state.clone();
+                        tokio::spawn(async move { serve(stream, st).await });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "control socket accept"),
+                },
             }
         }
-        log_counters(&dp, &policy);
-        for link in links {
-            dp.program()?.detach(link).context("detaching")?;
+        notify("STOPPING=1");
+        let _ = std::fs::remove_file(&args.socket);
+        if let Ok(s) = state.lock() {
+            log_counters(&s);
+            for i in &s.ifaces {
+                tracing::info!(
+                    iface = %i.att.iface,
+                    pins = %i.dir.display(),
+                    "exiting; the program stays attached and keeps enforcing the policy \
+                     (`shaper detach {}` removes it)",
+                    i.att.iface
+                );
+            }
         }
-        tracing::info!("detached; exiting");
         Ok(())
     })
 }
 
-fn log_counters(dp: &Dataplane, policy: &policy::Policy) {
-    match dp.global_counters() {
-        Ok(g) => {
-            let line: Vec<String> = Reason::ALL
-                .iter()
-                .zip(g.iter())
-                .filter(|(_, v)| **v > 0)
-                .map(|(r, v)| format!("{}={v}", r.name()))
-                .collect();
-            tracing::info!(counters = %line.join(" "), "global");
-        }
-        Err(e) => tracing::warn!(error = %e, "reading counters"),
+/// Bind the control socket: mode 0600 in a 0700 directory. A live socket means another
+/// daemon is running: refuse.
+fn listen(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    for (id, rule) in policy.rules.iter().enumerate() {
-        if let Ok(s) = dp.rule_counters(id as u32) {
-            tracing::info!(
-                rule = %rule.name,
-                admitted = s.get(Outcome::Admitted),
-                dropped = s.get(Outcome::Dropped),
-                deferred = s.get(Outcome::Deferred),
-                admitted_after_wait = s.get(Outcome::AdmittedAfterWait),
-                queue_full = s.get(Outcome::QueueFull),
-                would_drop = s.get(Outcome::WouldDrop),
-                protected = s.get(Outcome::Protected),
-                "rule"
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another shaper daemon is serving {}; stop it first (or use --socket)",
+                path.display()
             );
         }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Tell systemd (Type=notify) when NOTIFY_SOCKET is set.
+fn notify(msg: &str) {
+    use std::os::linux::net::SocketAddrExt as _;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    if let Ok(addr) = addr
+        && let Err(e) = sock.send_to_addr(msg.as_bytes(), &addr)
+    {
+        tracing::warn!(error = %e, "notifying systemd");
+    }
+}
+
+fn config_changed(state: &Arc<Mutex<State>>) -> bool {
+    let Ok(s) = state.lock() else { return false };
+    match std::fs::read_to_string(&s.config) {
+        Ok(text) => control::policy_hash(&text) != s.hash,
+        Err(_) => false,
+    }
+}
+
+fn reload(state: &Arc<Mutex<State>>, why: &str) {
+    notify("RELOADING=1");
+    let Ok(mut s) = state.lock() else { return };
+    let config = s.config.clone();
+    match std::fs::read_to_string(&config) {
+        Err(e) => {
+            tracing::error!(error = %e, config = %config.display(), "reload ({why}): cannot read the config; the old policy stays")
+        }
+        Ok(text) => match apply(&mut s, &config.display().to_string(), &text, None, true) {
+            Ok((generation, hash)) => {
+                tracing::info!(generation, hash = %hash, "reloaded ({why})")
+            }
+            Err(e) => tracing::error!("reload ({why}) refused; the old policy stays:\n{e}"),
+        },
+    }
+    notify("READY=1");
+}
+
+/// Validate `text` whole, then write it into every interface's maps.
+fn apply(
+    s: &mut State,
+    file: &str,
+    text: &str,
+    ssh: Option<&str>,
+    force: bool,
+) -> Result<(u64, String), String> {
+    let policy = policy::parse(file, text).map_err(|e| e.to_string())?;
+    if !force && let Some(why) = ssh.and_then(|c| locks_out(&policy, c)) {
+        return Err(format!(
+            "{why}; refusing to apply (add the address to [protect] prefixes, or pass --force)"
+        ));
+    }
+    let compiled = policy.compile();
+    for i in &s.ifaces {
+        let cap = &i.dp.capacity;
+        if compiled.rule_count() > cap.rules as usize
+            || compiled.v4.len() > cap.prefixes as usize
+            || compiled.v6.len() > cap.prefixes as usize
+        {
+            return Err(format!(
+                "the policy needs {} rules and {}/{} prefixes; the data plane holds {} and {}",
+                compiled.rule_count(),
+                compiled.v4.len(),
+                compiled.v6.len(),
+                cap.rules,
+                cap.prefixes
+            ));
+        }
+    }
+    // Rule ids are positions: a position whose rule changed starts with fresh counters.
+    let changed: Vec<u32> = policy
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(id, r)| s.policy.rules.get(*id) != Some(*r))
+        .map(|(id, _)| id as u32)
+        .collect();
+    for i in &mut s.ifaces {
+        i.dp.apply(&compiled).map_err(|e| format!("{e:#}"))?;
+        i.dp.reset_rules(changed.iter().copied())
+            .map_err(|e| format!("{e:#}"))?;
+    }
+    s.policy = policy;
+    s.source = text.to_string();
+    s.hash = control::policy_hash(text);
+    s.generation += 1;
+    Ok((s.generation, s.hash.clone()))
+}
+
+/// Would `policy` limit new connections of the SSH session `ssh_connection`
+/// ("client port server port")? Returns why.
+fn locks_out(policy: &Policy, ssh_connection: &str) -> Option<String> {
+    let mut parts = ssh_connection.split_whitespace();
+    let client: IpAddr = parts.next()?.parse().ok()?;
+    let server_port: Option<u16> = parts.nth(2).and_then(|p| p.parse().ok());
+    if policy.protects(client) || server_port.is_some_and(|p| policy.protected_ports.contains(&p)) {
+        return None;
+    }
+    let rule = policy
+        .rules
+        .iter()
+        .filter(|r| r.prefix.contains(client))
+        .max_by_key(|r| r.prefix.len)?;
+    matches!(rule.action, Action::Drop | Action::Defer).then(|| {
+        format!(
+            "rule `{}` ({}, {}) would limit new connections from your SSH client {client}",
+            rule.name,
+            rule.prefix,
+            rule.action.name()
+        )
+    })
+}
+
+/// Serve one control connection: root peers only; every bad frame gets an error reply.
+async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) {
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(control::MAX_FRAME)
+        .new_codec();
+    let mut framed = Framed::new(stream, codec);
+    if uid != Some(0) {
+        tracing::warn!(?uid, "control socket: refused a non-root peer");
+        let _ = send(
+            &mut framed,
+            &error("permission denied: the control socket serves root only (run as root)"),
+        )
+        .await;
+        return;
+    }
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), framed.next()).await;
+        let frame = match next {
+            Err(_) | Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                let _ = send(&mut framed, &error(&format!("bad frame: {e}"))).await;
+                return;
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let reply = match serde_json::from_slice::<Envelope<Request>>(&frame) {
+            Err(e) => error(&format!("malformed request: {e}")),
+            Ok(env) if env.version != control::PROTOCOL => error(&format!(
+                "protocol version {} is not supported (this daemon speaks {})",
+                env.version,
+                control::PROTOCOL
+            )),
+            Ok(env) => handle(&state, env.body),
+        };
+        if send(&mut framed, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn error(message: &str) -> Response {
+    Response::Error {
+        message: message.to_string(),
+    }
+}
+
+async fn send(framed: &mut Framed<UnixStream, LengthDelimitedCodec>, r: &Response) -> Result<()> {
+    let body = serde_json::to_vec(r)?;
+    framed.send(bytes::Bytes::from(body)).await?;
+    Ok(())
+}
+
+fn handle(state: &Arc<Mutex<State>>, req: Request) -> Response {
+    let Ok(mut s) = state.lock() else {
+        return error("internal error: state lock poisoned");
+    };
+    match req {
+        Request::Status => Response::Status(status(&s)),
+        Request::Stats => Response::Stats(stats(&s)),
+        Request::PolicyShow => Response::Policy(PolicyView {
+            generation: s.generation,
+            hash: s.hash.clone(),
+            source: s.source.clone(),
+            policy: serde_json::to_value(&s.policy).unwrap_or_default(),
+        }),
+        Request::PolicyApply {
+            file,
+            text,
+            ssh_client,
+            force,
+        } => match apply(&mut s, &file, &text, ssh_client.as_deref(), force) {
+            Ok((generation, hash)) => {
+                tracing::info!(generation, hash = %hash, file, "policy applied");
+                Response::Applied { generation, hash }
+            }
+            Err(message) => Response::Error { message },
+        },
+        Request::Reload => {
+            drop(s);
+            reload(state, "requested");
+            let s = match state.lock() {
+                Ok(s) => s,
+                Err(_) => return error("internal error: state lock poisoned"),
+            };
+            Response::Applied {
+                generation: s.generation,
+                hash: s.hash.clone(),
+            }
+        }
+    }
+}
+
+fn status(s: &State) -> Status {
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: control::PROTOCOL,
+        pid: std::process::id(),
+        uptime_s: s.started.elapsed().as_secs(),
+        config: s.config.display().to_string(),
+        generation: s.generation,
+        policy_hash: s.hash.clone(),
+        interfaces: s
+            .ifaces
+            .iter()
+            .map(|i| IfaceStatus {
+                iface: i.att.iface.clone(),
+                mode: i
+                    .att
+                    .mode
+                    .or_else(|| attach::kernel_mode(&i.att.iface))
+                    .map_or("unknown".to_string(), |m| m.to_string()),
+                prog_id: i.att.prog_id,
+                link_id: i.att.link_id,
+                adopted: i.att.adopted,
+                pin_dir: i.dir.display().to_string(),
+                maps: i
+                    .dp
+                    .fill_levels()
+                    .into_iter()
+                    .map(|(name, entries, capacity)| MapFill {
+                        name: name.to_string(),
+                        entries,
+                        capacity,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn stats(s: &State) -> Stats {
+    let mut out = Stats::default();
+    for (id, rule) in s.policy.rules.iter().enumerate() {
+        let mut v = RuleStatsView {
+            name: rule.name.clone(),
+            prefix: rule.prefix.to_string(),
+            action: rule.action.name().to_string(),
+            ..RuleStatsView::default()
+        };
+        let mut wait = [0u64; WAIT_BUCKETS];
+        let mut sum_ns = 0u64;
+        for i in &s.ifaces {
+            let Ok(c) = i.dp.rule_counters(id as u32) else {
+                continue;
+            };
+            v.admitted += c.get(Outcome::Admitted);
+            v.dropped += c.get(Outcome::Dropped);
+            v.deferred += c.get(Outcome::Deferred);
+            v.admitted_after_wait += c.get(Outcome::AdmittedAfterWait);
+            v.queue_full += c.get(Outcome::QueueFull);
+            v.would_drop += c.get(Outcome::WouldDrop);
+            v.protected += c.get(Outcome::Protected);
+            for (w, x) in wait.iter_mut().zip(c.wait.iter()) {
+                *w += x;
+            }
+            sum_ns = sum_ns.wrapping_add(c.wait_sum_ns);
+        }
+        for (b, n) in wait.iter().enumerate() {
+            let le = WAIT_BOUNDS_S
+                .get(b)
+                .map_or("+Inf".to_string(), |s| s.to_string());
+            v.wait_buckets.insert(le, *n);
+        }
+        v.wait_sum_s = sum_ns as f64 / 1e9;
+        out.rules.push(v);
+    }
+    for i in &s.ifaces {
+        if let Ok(g) = i.dp.global_counters() {
+            for (r, n) in Reason::ALL.iter().zip(g) {
+                *out.global.entry(r.name().to_string()).or_default() += n;
+            }
+        }
+    }
+    out
+}
+
+fn log_counters(s: &State) {
+    let st = stats(s);
+    let line: Vec<String> = st
+        .global
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    tracing::info!(counters = %line.join(" "), "global");
+    for r in &st.rules {
+        tracing::info!(
+            rule = %r.name,
+            admitted = r.admitted,
+            dropped = r.dropped,
+            deferred = r.deferred,
+            admitted_after_wait = r.admitted_after_wait,
+            queue_full = r.queue_full,
+            would_drop = r.would_drop,
+            protected = r.protected,
+            "rule"
+        );
     }
 }

@@ -101,11 +101,7 @@ impl Netns {
 
     /// Does `dev` in this namespace have an XDP program attached?
     pub fn has_xdp(&self, dev: &str) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.name, "-d", "link", "show", "dev", dev])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
-            .unwrap_or(false)
+        has_xdp(&self.name, dev)
     }
 }
 
@@ -152,10 +148,20 @@ pub fn shaper_bin() -> Result<PathBuf> {
     }
 }
 
-/// A `shaper run` daemon in a namespace; SIGTERM on drop.
+/// A `shaper run` daemon in a namespace, with its own pin root (on the host's bpffs) and
+/// control socket. On drop: SIGTERM, then its pins are removed (which detaches the
+/// program), so nothing outlives the test.
 pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_root: PathBuf,
+    /// The namespace and device, to restart and to wait for the attachment.
+    ns_path: PathBuf,
+    ns_name: String,
+    dev: String,
+    extra: Vec<String>,
 }
 
 impl Daemon {
@@ -165,35 +171,96 @@ impl Daemon {
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("shaper.toml");
         std::fs::write(&config, policy)?;
-        let log = dir.join("shaper.log");
+        let mut d = Daemon {
+            child: Command::new("true").spawn()?,
+            log: dir.join("shaper.log"),
+            config,
+            socket: dir.join("shaper.sock"),
+            pin_root: PathBuf::from(format!("/sys/fs/bpf/shaper-test-{}", ns.name)),
+            ns_path: ns.path(),
+            ns_name: ns.name.clone(),
+            dev: dev.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let _ = d.child.wait();
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// (Re)start the daemon process with the same arguments; wait until attached and its
+    /// socket answers.
+    pub fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new(shaper_bin()?);
-        cmd.args(["run", "--iface", dev, "--config"])
-            .arg(&config)
-            .args(extra)
+        cmd.args(["run", "--iface", &self.dev, "--config"])
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
-        let child = ns.spawn(&mut cmd)?;
-        let mut d = Daemon { child, log };
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)?,
+            );
+        let file = File::open(&self.ns_path).context("opening the namespace")?;
+        let fd = file.as_raw_fd();
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: setns is async-signal-safe; `file` outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.child = cmd.spawn().context("spawning shaper run")?;
+        drop(file);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !ns.has_xdp(dev) {
-            if let Some(status) = d.child.try_wait()? {
-                bail!("shaper run exited with {status}: {}", d.log_text());
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("shaper run exited with {status}: {}", self.log_text());
+            }
+            if has_xdp(&self.ns_name, &self.dev)
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("shaper run did not attach within 30 s: {}", d.log_text());
+                bail!(
+                    "shaper run did not come up within 30 s: {}",
+                    self.log_text()
+                );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(d)
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The pin directory of the daemon's interface.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_root.join(&self.dev)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// SIGTERM and wait (bounded); returns the exit status.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        if let Some(s) = self.child.try_wait()? {
+            return Ok(s);
+        }
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -208,6 +275,21 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Remove the pins (detaching the program) and the pin root.
+    pub fn remove_pins(&self) {
+        let _ = shaper::pins::remove(&self.pin_dir());
+        let _ = std::fs::remove_dir(&self.pin_root);
+    }
+}
+
+/// Does `dev` in namespace `ns` have an XDP program attached?
+pub fn has_xdp(ns: &str, dev: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "dev", dev])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+        .unwrap_or(false)
 }
 
 impl Drop for Daemon {
@@ -215,5 +297,6 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.stop();
         }
+        self.remove_pins();
     }
 }

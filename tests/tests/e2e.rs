@@ -117,8 +117,18 @@ fn storm_is_held_to_quota_per_group() {
         daemon.log_text()
     );
     assert!(
+        srv.has_xdp(SERVER_DEV),
+        "SIGTERM stops the daemon and leaves the program attached"
+    );
+    let detach = std::process::Command::new(shaper_tests::netns::shaper_bin().expect("shaper"))
+        .args(["detach", "s0", "--pin-root"])
+        .arg(&daemon.pin_root)
+        .output()
+        .expect("shaper detach");
+    assert!(detach.status.success(), "{detach:?}");
+    assert!(
         !srv.has_xdp(SERVER_DEV),
-        "shaper run must detach on SIGTERM (for now)"
+        "`shaper detach` removes the program"
     );
 
     let mut per_src: BTreeMap<IpAddr, usize> = BTreeMap::new();

@@ -1,0 +1,152 @@
+//! The few `bpf(2)` commands aya 0.14 does not expose for XDP links: create a link,
+//! pin it, open a pin, replace its program atomically, read its info. The layouts are
+//! the kernel's stable `union bpf_attr` members.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `enum bpf_attach_type`: BPF_XDP.
+const BPF_XDP: u32 = 37;
+/// `XDP_FLAGS_SKB_MODE`, `XDP_FLAGS_DRV_MODE`.
+pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+/// `BPF_F_REPLACE`: only replace if the old program is the one given.
+const BPF_F_REPLACE: u32 = 1 << 2;
+
+/// Large enough for every `union bpf_attr` member used here, zero-filled.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Attr {
+        Attr([0; 128])
+    }
+    fn u32_at(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn u64_at(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            attr.0.len() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just returned this new descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// Attach `prog` to interface `ifindex` through a BPF link (`flags`: one of the XDP
+/// mode flags). Fails with EBUSY if another program is attached without a link.
+pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> io::Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32_at(0, prog.as_raw_fd() as u32);
+    a.u32_at(4, ifindex);
+    a.u32_at(8, BPF_XDP);
+    a.u32_at(12, flags);
+    owned(bpf(BPF_LINK_CREATE, &mut a)?)
+}
+
+/// Pin an object (link, map, program) at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let p = cpath(path)?;
+    let mut a = Attr::new();
+    a.u64_at(0, p.as_ptr() as u64);
+    a.u32_at(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut a).map(|_| ())
+}
+
+/// Open a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let p = cpath(path)?;
+    let mut a = Attr::new();
+    a.u64_at(0, p.as_ptr() as u64);
+    owned(bpf(BPF_OBJ_GET, &mut a)?)
+}
+
+/// Atomically replace the program of `link` by `new_prog`, if it still runs `old_prog`.
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    old_prog: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32_at(0, link.as_raw_fd() as u32);
+    a.u32_at(4, new_prog.as_raw_fd() as u32);
+    if let Some(old) = old_prog {
+        a.u32_at(8, BPF_F_REPLACE);
+        a.u32_at(12, old.as_raw_fd() as u32);
+    }
+    bpf(BPF_LINK_UPDATE, &mut a).map(|_| ())
+}
+
+/// What the kernel says of an XDP link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the interface is gone (the link is then defunct).
+    pub ifindex: u32,
+}
+
+/// `bpf_link_info` of an XDP link.
+pub fn xdp_link_info(link: BorrowedFd<'_>) -> io::Result<XdpLinkInfo> {
+    // struct bpf_link_info { u32 type; u32 id; u32 prog_id; union (8-aligned) { … xdp { u32 ifindex } } }
+    let mut info = [0u8; 64];
+    let mut a = Attr::new();
+    a.u32_at(0, link.as_raw_fd() as u32);
+    a.u32_at(4, info.len() as u32);
+    a.u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    let u =
+        |off: usize| u32::from_ne_bytes([info[off], info[off + 1], info[off + 2], info[off + 3]]);
+    Ok(XdpLinkInfo {
+        link_id: u(4),
+        prog_id: u(8),
+        ifindex: u(16),
+    })
+}
+
+/// The id of a loaded program (`bpf_prog_info.id`).
+pub fn prog_id(prog: impl AsFd) -> io::Result<u32> {
+    // struct bpf_prog_info { u32 type; u32 id; … }
+    let mut info = [0u8; 256];
+    let mut a = Attr::new();
+    a.u32_at(0, prog.as_fd().as_raw_fd() as u32);
+    a.u32_at(4, info.len() as u32);
+    a.u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    Ok(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
+}

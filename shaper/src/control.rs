@@ -1,0 +1,176 @@
+//! The control socket's protocol: length-delimited frames (a 4-byte big-endian length,
+//! then a JSON body), each a versioned request or response. The daemon serves it on a
+//! Unix socket to root peers only (SO_PEERCRED); there is no network listener.
+
+use std::{collections::BTreeMap, os::unix::net::UnixStream, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+/// Version of the protocol; a daemon refuses requests of another version.
+pub const PROTOCOL: u32 = 1;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/shaper/shaper.sock";
+
+/// A request with its protocol version.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Envelope<T> {
+    pub version: u32,
+    pub body: T,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Stats,
+    PolicyShow,
+    /// Validate `text` (named `file` in errors) and switch to it, all or nothing.
+    PolicyApply {
+        file: String,
+        text: String,
+        /// The CLI's SSH client address (SSH_CONNECTION), for the lock-out guard.
+        ssh_client: Option<String>,
+        force: bool,
+    },
+    /// Re-read the daemon's config file.
+    Reload,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Stats(Stats),
+    Policy(PolicyView),
+    Applied { generation: u64, hash: String },
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub config: String,
+    pub generation: u64,
+    pub policy_hash: String,
+    pub interfaces: Vec<IfaceStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IfaceStatus {
+    pub iface: String,
+    /// `native`, `skb`, or `unknown`.
+    pub mode: String,
+    pub prog_id: u32,
+    pub link_id: u32,
+    pub adopted: bool,
+    pub pin_dir: String,
+    pub maps: Vec<MapFill>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub rules: Vec<RuleStatsView>,
+    pub global: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RuleStatsView {
+    pub name: String,
+    pub prefix: String,
+    pub action: String,
+    pub admitted: u64,
+    pub dropped: u64,
+    pub deferred: u64,
+    pub admitted_after_wait: u64,
+    pub queue_full: u64,
+    pub would_drop: u64,
+    pub protected: u64,
+    /// Waits of clients admitted after waiting: count per upper bound in seconds
+    /// (`"+Inf"` last), not cumulative.
+    pub wait_buckets: BTreeMap<String, u64>,
+    pub wait_sum_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyView {
+    pub generation: u64,
+    pub hash: String,
+    pub source: String,
+    pub policy: serde_json::Value,
+}
+
+/// A stable hash of a policy's text (FNV-1a 64, hex): equal texts, equal hashes.
+pub fn policy_hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Send one request and read one response (blocking; for the CLI and tests).
+pub fn call(socket: &Path, request: Request) -> Result<Response> {
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                "is the daemon running? start it with `shaper run --iface IF` (or `systemctl \
+                 start shaper`)"
+            }
+            std::io::ErrorKind::PermissionDenied => "the control socket is root's: run as root",
+            _ => "",
+        };
+        anyhow!(
+            "cannot reach the daemon at {}: {e}; {hint}",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = serde_json::to_vec(&Envelope {
+        version: PROTOCOL,
+        body: request,
+    })?;
+    write_frame(&mut s, &body)?;
+    let reply = read_frame(&mut s).context("reading the daemon's reply")?;
+    serde_json::from_slice(&reply).context("the daemon's reply is not a response")
+}
+
+/// Write one frame.
+pub fn write_frame(w: &mut impl std::io::Write, body: &[u8]) -> Result<()> {
+    if body.len() > MAX_FRAME {
+        bail!(
+            "frame of {} bytes is over the {MAX_FRAME}-byte limit",
+            body.len()
+        );
+    }
+    w.write_all(&(body.len() as u32).to_be_bytes())?;
+    w.write_all(body)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Read one frame.
+pub fn read_frame(r: &mut impl std::io::Read) -> Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        bail!("frame of {len} bytes is over the {MAX_FRAME}-byte limit");
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}

@@ -1,0 +1,163 @@
+//! Pinned state under `--pin-root` (default `/sys/fs/bpf/shaper`), one directory per
+//! interface: the XDP link (`link`) and every map by name. Pins outlive the daemon: the
+//! program keeps enforcing the last policy if the daemon dies, and a restarted (or
+//! newer) daemon adopts them.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::maps::MapData;
+use shaper_common::{
+    Reason,
+    maps::{
+        GroupKey, GroupState, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES, MAP_PROTECTED_PORTS,
+        MAP_RULE_BUDGETS, MAP_RULE_STATS, MAP_RULES_V4, MAP_RULES_V6, MAP_WAITERS, PORTS,
+        PROBE_SLOTS, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
+    },
+};
+
+use crate::dataplane::Capacity;
+
+/// The default pin root.
+pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/shaper";
+/// Where bpffs is mounted when the host has not mounted it.
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The link's pin in an interface's directory.
+pub const LINK: &str = "link";
+
+/// The maps that are pinned (the program's global data is not).
+pub const PINNED_MAPS: [&str; 9] = [
+    MAP_RULES_V4,
+    MAP_RULES_V6,
+    MAP_PROTECTED_PORTS,
+    MAP_GROUPS,
+    MAP_RULE_BUDGETS,
+    MAP_RULE_STATS,
+    MAP_GLOBAL_STATS,
+    MAP_WAITERS,
+    MAP_PROBES,
+];
+
+/// One interface's pin directory.
+pub fn iface_dir(root: &Path, iface: &str) -> PathBuf {
+    root.join(iface)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statfs is valid output storage; `c` is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Make sure `root` is on a bpffs (mounting one at /sys/fs/bpf if the host has not) and
+/// exists.
+pub fn ensure_root(root: &Path) -> Result<()> {
+    let bpffs = Path::new(BPFFS);
+    if root.starts_with(bpffs) && !is_bpffs(bpffs) {
+        fs::create_dir_all(bpffs).with_context(|| format!("creating {BPFFS}"))?;
+        let src = c"bpf";
+        let target = std::ffi::CString::new(BPFFS)?;
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mounting bpffs at {BPFFS} (are you root?)"));
+        }
+        tracing::info!(path = BPFFS, "mounted bpffs");
+    }
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    if !is_bpffs(root) {
+        bail!(
+            "--pin-root {} is not on a bpffs; mount one there (mount -t bpf bpf DIR) or pick a \
+             directory under {BPFFS}",
+            root.display()
+        );
+    }
+    Ok(())
+}
+
+/// (key size, value size, max entries) each pinned map must have for this build.
+fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
+    let s = |n: usize| n as u32;
+    Some(match name {
+        MAP_RULES_V4 => (8, s(size_of::<RuleEntry>()), cap.prefixes),
+        MAP_RULES_V6 => (20, s(size_of::<RuleEntry>()), cap.prefixes),
+        MAP_PROTECTED_PORTS => (4, 4, PORTS),
+        MAP_GROUPS => (
+            s(size_of::<GroupKey>()),
+            s(size_of::<GroupState>()),
+            cap.groups,
+        ),
+        MAP_RULE_BUDGETS => (4, s(size_of::<RuleBudget>()), cap.rules),
+        MAP_RULE_STATS => (4, s(size_of::<RuleStats>()), cap.rules),
+        MAP_GLOBAL_STATS => (4, 8, Reason::COUNT),
+        MAP_WAITERS => (s(size_of::<WaitKey>()), s(size_of::<Waiter>()), cap.waiters),
+        MAP_PROBES => (4, s(size_of::<ProbeSlot>()), PROBE_SLOTS),
+        _ => return None,
+    })
+}
+
+/// Refuse pinned maps whose layout or size differs from this build's: reusing them
+/// would make the program and the daemon read each other's bytes wrongly.
+pub fn check_layout(dir: &Path, cap: &Capacity) -> Result<()> {
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let (k, v, n) = expected(name, cap).ok_or_else(|| anyhow!("unknown map {name}"))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != (k, v, n) {
+            bail!(
+                "pinned map {} does not match this shaper build (key/value/entries {}/{}/{}, \
+                 this build needs {k}/{v}/{n}): it was made by another version or capacity. \
+                 Refusing to reuse it. `shaper detach` removes the old program and its state \
+                 (counters and waiting lines start again).",
+                path.display(),
+                found.0,
+                found.1,
+                found.2
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Remove an interface's pins: the link (which detaches the program once nothing else
+/// holds it) and the maps. Returns whether there was anything to remove.
+pub fn remove(dir: &Path) -> Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let link = dir.join(LINK);
+    if link.exists() {
+        fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+    }
+    for name in PINNED_MAPS {
+        let p = dir.join(name);
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(true)
+}

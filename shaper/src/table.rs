@@ -1,0 +1,135 @@
+//! Human output of `shaper status` and `shaper stats`: plain aligned tables.
+
+use shaper::control::Response;
+
+/// Align `rows` (the first is the header) in columns, numbers right-aligned.
+pub fn render(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let w = widths.get(i).copied().unwrap_or(0);
+                if s.parse::<f64>().is_ok() {
+                    format!("{s:>w$}")
+                } else {
+                    format!("{s:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.trim_end().to_string()
+}
+
+pub fn status(r: &Response) -> String {
+    let Response::Status(s) = r else {
+        return String::new();
+    };
+    let mut out = format!(
+        "shaper {} (pid {}), up {} s, policy generation {} (hash {}) from {}\n\n",
+        s.version, s.pid, s.uptime_s, s.generation, s.policy_hash, s.config
+    );
+    let mut rows = vec![vec![
+        "IFACE".into(),
+        "MODE".into(),
+        "PROG ID".into(),
+        "LINK ID".into(),
+        "ADOPTED".into(),
+        "PINS".into(),
+    ]];
+    for i in &s.interfaces {
+        rows.push(vec![
+            i.iface.clone(),
+            i.mode.clone(),
+            i.prog_id.to_string(),
+            i.link_id.to_string(),
+            if i.adopted { "yes" } else { "no" }.into(),
+            i.pin_dir.clone(),
+        ]);
+    }
+    out.push_str(&render(&rows));
+    out.push_str("\n\n");
+    let mut maps = vec![vec![
+        "IFACE".into(),
+        "MAP".into(),
+        "ENTRIES".into(),
+        "CAPACITY".into(),
+        "FILL %".into(),
+    ]];
+    for i in &s.interfaces {
+        for m in &i.maps {
+            let pct = if m.capacity == 0 {
+                0.0
+            } else {
+                m.entries as f64 * 100.0 / m.capacity as f64
+            };
+            maps.push(vec![
+                i.iface.clone(),
+                m.name.clone(),
+                m.entries.to_string(),
+                m.capacity.to_string(),
+                format!("{pct:.1}"),
+            ]);
+        }
+    }
+    out.push_str(&render(&maps));
+    out
+}
+
+pub fn stats(r: &Response) -> String {
+    let Response::Stats(s) = r else {
+        return String::new();
+    };
+    let mut rows = vec![
+        [
+            "RULE",
+            "PREFIX",
+            "ACTION",
+            "ADMITTED",
+            "DROPPED",
+            "DEFERRED",
+            "AFTER WAIT",
+            "QUEUE FULL",
+            "WOULD DROP",
+            "PROTECTED",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>(),
+    ];
+    for x in &s.rules {
+        rows.push(vec![
+            x.name.clone(),
+            x.prefix.clone(),
+            x.action.clone(),
+            x.admitted.to_string(),
+            x.dropped.to_string(),
+            x.deferred.to_string(),
+            x.admitted_after_wait.to_string(),
+            x.queue_full.to_string(),
+            x.would_drop.to_string(),
+            x.protected.to_string(),
+        ]);
+    }
+    let mut out = render(&rows);
+    out.push_str("\n\n");
+    let mut g = vec![vec!["REASON".to_string(), "PACKETS".to_string()]];
+    for (k, v) in &s.global {
+        g.push(vec![k.clone(), v.to_string()]);
+    }
+    out.push_str(&render(&g));
+    out
+}
