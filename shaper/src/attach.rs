@@ -86,20 +86,20 @@ pub fn attach_pinned(
     let create = |flags: u32| bpfsys::xdp_link_create(prog_fd, ifindex, flags);
     let try_mode = |m: Attached| -> std::io::Result<std::os::fd::OwnedFd> {
         match create(m.flags()) {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && replace_foreign => {
+            Err(e) if foreign(&e) && replace_foreign => {
                 let other = foreign_program(iface);
                 tracing::warn!(iface, other = %other, "--replace: detaching another XDP program");
-                remove_foreign(iface);
+                remove_foreign(iface, ifindex);
                 create(m.flags())
             }
             r => r,
         }
     };
-    let busy = |e: &std::io::Error| e.raw_os_error() == Some(libc::EBUSY);
+    let busy = foreign;
     let refuse = |e: std::io::Error| -> anyhow::Error {
         if busy(&e) {
             anyhow!(
-                "{iface} already has an XDP program ({}) that shaper did not attach; refusing                  to replace it. Detach it first, or pass --replace to take the interface over",
+                "{iface} already has an XDP program ({}) that shaper did not attach; refusing to replace it. Detach it first, or pass --replace to take the interface over",
                 foreign_program(iface)
             )
         } else {
@@ -113,7 +113,7 @@ pub fn attach_pinned(
                     refuse(e)
                 } else {
                     anyhow!(
-                        "attaching to {iface} in native mode failed: {e}; the driver may not                          support XDP: try --mode skb (or --mode auto)"
+                        "attaching to {iface} in native mode failed: {e}; the driver may not support XDP: try --mode skb (or --mode auto)"
                     )
                 }
             })?,
@@ -132,7 +132,7 @@ pub fn attach_pinned(
                 (
                     try_mode(Attached::Skb).map_err(|e| {
                         anyhow!(
-                            "attaching to {iface} failed in native mode ({native_err}) and in                              skb mode ({e})"
+                            "attaching to {iface} failed in native mode ({native_err}) and in skb mode ({e})"
                         )
                     })?,
                     Attached::Skb,
@@ -150,6 +150,12 @@ pub fn attach_pinned(
         link_id: info.link_id,
         adopted: false,
     })
+}
+
+/// The kernel's answer when another program is attached without a link: EBUSY, or
+/// EEXIST when asking for native mode over a generic-mode program.
+fn foreign(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EEXIST))
 }
 
 impl Attached {
@@ -200,7 +206,14 @@ fn foreign_program(iface: &str) -> String {
         .map_or_else(|| "id unknown".to_string(), |id| format!("program id {id}"))
 }
 
-fn remove_foreign(iface: &str) {
+fn remove_foreign(iface: &str, ifindex: u32) {
+    // Attached through a link (another tool holding it): detach the link.
+    match bpfsys::detach_xdp_links(ifindex) {
+        Ok(n) if n > 0 => return,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(iface, error = %e, "detaching another tool's XDP link"),
+    }
+    // Attached through netlink: switch it off.
     for kind in ["xdp", "xdpgeneric", "xdpdrv"] {
         let _ = std::process::Command::new("ip")
             .args(["link", "set", "dev", iface, kind, "off"])

@@ -150,3 +150,50 @@ pub fn prog_id(prog: impl AsFd) -> io::Result<u32> {
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
     Ok(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
 }
+
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+const BPF_LINK_DETACH: libc::c_long = 34;
+/// `enum bpf_link_type`: BPF_LINK_TYPE_XDP.
+const BPF_LINK_TYPE_XDP: u32 = 6;
+
+/// Detach every XDP link on `ifindex` (another tool's, for `--replace`): the kernel
+/// keeps a link as long as its owner holds it, so it must be detached, not closed.
+/// Returns how many were detached.
+pub fn detach_xdp_links(ifindex: u32) -> io::Result<usize> {
+    let mut id = 0u32;
+    let mut n = 0;
+    // Bounded: link ids are finite; stop after a generous number of them.
+    for _ in 0..1_000_000 {
+        let mut a = Attr::new();
+        a.u32_at(0, id);
+        match bpf(BPF_LINK_GET_NEXT_ID, &mut a) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+        id = u32::from_ne_bytes([a.0[4], a.0[5], a.0[6], a.0[7]]);
+        let mut g = Attr::new();
+        g.u32_at(0, id);
+        let Ok(fd) = bpf(BPF_LINK_GET_FD_BY_ID, &mut g).and_then(owned) else {
+            continue;
+        };
+        let mut info = [0u8; 64];
+        let mut q = Attr::new();
+        q.u32_at(0, fd.as_raw_fd() as u32);
+        q.u32_at(4, info.len() as u32);
+        q.u64_at(8, info.as_mut_ptr() as u64);
+        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut q).is_err() {
+            continue;
+        }
+        let ty = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        let ifi = u32::from_ne_bytes([info[16], info[17], info[18], info[19]]);
+        if ty == BPF_LINK_TYPE_XDP && ifi == ifindex {
+            let mut d = Attr::new();
+            d.u32_at(0, fd.as_raw_fd() as u32);
+            bpf(BPF_LINK_DETACH, &mut d)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

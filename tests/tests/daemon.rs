@@ -1,0 +1,559 @@
+//! The daemon and the CLI against the real kernel in network namespaces: pinned state
+//! that survives `kill -9`, adoption, SIGTERM leaving the program attached, the
+//! root-only control socket, whole-or-nothing policy applies, reloads, and the CLI's
+//! exit codes and JSON.
+
+use std::{
+    net::IpAddr,
+    path::Path,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use shaper_tests::{
+    netns::{Daemon, Netns, shaper_bin},
+    tcp::{Bulk, Server, storm},
+    testbed::{SERVER_DEV, SERVER_V4, Testbed, addr},
+};
+
+const RATE: f64 = 20.0;
+const BURST: f64 = 10.0;
+
+const POLICY: &str = r#"
+[[rule]]
+name = "pupils"
+prefix = "198.18.0.0/16"
+rate = 20
+burst = 10
+action = "drop"
+
+[protect]
+prefixes = ["198.18.250.1/32"]
+"#;
+
+fn shaper(args: &[&str]) -> Output {
+    Command::new(shaper_bin().expect("shaper binary"))
+        .args(args)
+        .output()
+        .expect("running shaper")
+}
+
+fn sock(d: &Daemon) -> String {
+    d.socket.display().to_string()
+}
+
+fn json(d: &Daemon, what: &[&str]) -> serde_json::Value {
+    let s = sock(d);
+    let mut args = what.to_vec();
+    args.extend_from_slice(&["-o", "json", "--socket", &s]);
+    let out = shaper(&args);
+    assert!(
+        out.status.success(),
+        "shaper {what:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+fn admitted(d: &Daemon) -> u64 {
+    json(d, &["stats"])["rules"][0]["admitted"]
+        .as_u64()
+        .expect("admitted")
+}
+
+/// Number of XDP programs the kernel reports on the server's device.
+fn xdp_programs(ns: &Netns) -> usize {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-d", "link", "show", "dev", SERVER_DEV])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout)
+        .matches("prog/xdp")
+        .count()
+}
+
+fn bed() -> Testbed {
+    shaper_tests::progrun::require_bpf();
+    Testbed::new(&[addr("198.18.9.10"), addr("198.18.250.1")]).expect("testbed")
+}
+
+#[test]
+fn kill_9_ten_times_during_a_storm_keeps_enforcing_and_adopts() {
+    let bed = bed();
+    let mut d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    let bulk = Bulk::start(&bed.cli, addr("198.18.250.1"), addr(SERVER_V4)).expect("bulk");
+    let first_prog = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
+    let src: IpAddr = addr("198.18.9.10");
+    let t0 = Instant::now();
+    let storm_secs = 14;
+    std::thread::scope(|s| {
+        let cli = &bed.cli;
+        let h = s.spawn(move || {
+            storm(
+                cli,
+                src,
+                Testbed::dst_for(src),
+                100,
+                Duration::from_secs(storm_secs),
+            )
+        });
+        let mut last = 0;
+        let mut adoption = Duration::ZERO;
+        for round in 0..10 {
+            std::thread::sleep(Duration::from_millis(600));
+            let before = admitted(&d);
+            assert!(before >= last, "counters went back: {before} < {last}");
+            d.kill().expect("kill -9");
+            // Dead daemon: the program stays, exactly once, and keeps enforcing.
+            assert_eq!(xdp_programs(&bed.srv), 1, "round {round}");
+            std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            d.spawn().expect("restart");
+            let took = t.elapsed();
+            adoption = adoption.max(took);
+            assert!(took < Duration::from_secs(2), "adoption took {took:?}");
+            assert_eq!(
+                xdp_programs(&bed.srv),
+                1,
+                "round {round}: one program after adoption"
+            );
+            let st = json(&d, &["status"]);
+            assert_eq!(st["interfaces"][0]["adopted"], true, "round {round}");
+            last = admitted(&d);
+            assert!(last >= before, "counters must continue: {last} < {before}");
+        }
+        println!("slowest adoption: {adoption:?}");
+        let storm = h.join().expect("storm thread").expect("storm");
+        drop(storm);
+    });
+    let t = t0.elapsed().as_secs_f64();
+    let accepted = server
+        .accepted()
+        .iter()
+        .filter(|a| a.peer.ip() == src)
+        .count() as f64;
+    let bound = RATE * t + BURST;
+    println!("accepted {accepted} in {t:.1} s (bound {bound:.1}) across 10 kill -9");
+    assert!(
+        accepted <= bound,
+        "the limit must hold while the daemon is dead"
+    );
+    assert!(
+        accepted >= RATE * storm_secs as f64 * 0.9,
+        "the budget must keep serving: {accepted}"
+    );
+    let last_prog = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
+    assert_ne!(first_prog, last_prog, "each adoption replaces the program");
+    let b = bulk.finish().expect("bulk");
+    let seen = server.bulk();
+    println!(
+        "bulk during the kills: {} bytes, {} retransmissions, longest read gap {:?}",
+        b.bytes, b.retransmits, seen.max_gap
+    );
+    assert!(!seen.corrupt);
+    assert!(
+        seen.max_gap < Duration::from_millis(500),
+        "no stall across program replacements"
+    );
+}
+
+#[test]
+fn sigterm_leaves_the_program_attached_and_detach_removes_it() {
+    let bed = bed();
+    let mut d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let status = d.stop().expect("stop");
+    assert!(status.success(), "{}", d.log_text());
+    assert!(bed.srv.has_xdp(SERVER_DEV));
+    assert!(d.pin_dir().join("link").exists());
+    let root = d.pin_root.display().to_string();
+    let out = shaper(&["detach", SERVER_DEV, "--pin-root", &root]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!bed.srv.has_xdp(SERVER_DEV));
+    assert!(!d.pin_dir().exists());
+    // Nothing left: detaching again says so and fails.
+    let again = shaper(&["detach", SERVER_DEV, "--pin-root", &root]);
+    assert!(!again.status.success());
+}
+
+#[test]
+fn another_tools_program_is_refused_unless_replace() {
+    let bed = bed();
+    // Attach the object's bare baseline program with netlink, as another tool would.
+    let mut other = shaper::dataplane::Dataplane::load(Default::default()).expect("load");
+    let prog: &mut aya::programs::Xdp = other
+        .ebpf
+        .program_mut(shaper_common::maps::BASELINE_PROGRAM_NAME)
+        .expect("baseline")
+        .try_into()
+        .expect("xdp");
+    prog.load().expect("load baseline");
+    bed.srv
+        .run_in(|| prog.attach(SERVER_DEV, aya::programs::XdpMode::Skb))
+        .expect("ns")
+        .expect("attach the other program");
+    let err = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[])
+        .err()
+        .expect("must refuse");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("already has an XDP program") && msg.contains("program id"),
+        "{msg}"
+    );
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &["--replace"]).expect("--replace");
+    assert_eq!(xdp_programs(&bed.srv), 1);
+    assert_eq!(json(&d, &["status"])["interfaces"][0]["adopted"], false);
+}
+
+#[test]
+fn control_socket_refuses_non_root_and_survives_garbage() {
+    use std::{io::Write as _, os::unix::fs::PermissionsExt as _};
+    let bed = bed();
+    let mut d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    // Loosen the modes on purpose: the daemon must still refuse a non-root peer.
+    let dir = d.socket.parent().expect("dir").to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let out = {
+        use std::os::unix::process::CommandExt as _;
+        Command::new(shaper_bin().expect("shaper"))
+            .args(["status", "--socket", &sock(&d)])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run as nobody")
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+
+    // Thousands of bad frames: random bytes, truncated frames, oversized lengths,
+    // valid frames of junk JSON and of the wrong version.
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for i in 0..3000 {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&d.socket) else {
+            panic!("daemon stopped accepting after {i} bad connections");
+        };
+        let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+        let junk: Vec<u8> = (0..(next() % 64)).map(|_| next() as u8).collect();
+        let frame = match i % 5 {
+            0 => junk,
+            1 => [&100u32.to_be_bytes()[..], &junk[..junk.len().min(10)]].concat(),
+            2 => [&u32::MAX.to_be_bytes()[..], &junk[..]].concat(),
+            3 => [&(junk.len() as u32).to_be_bytes()[..], &junk[..]].concat(),
+            _ => {
+                let body = br#"{"version":99,"body":{"request":"status"}}"#;
+                [&(body.len() as u32).to_be_bytes()[..], &body[..]].concat()
+            }
+        };
+        let _ = s.write_all(&frame);
+        if i % 5 >= 3 {
+            // A whole frame: the daemon answers with an error.
+            let reply = shaper::control::read_frame(&mut s).expect("an error reply");
+            let v: serde_json::Value = serde_json::from_slice(&reply).expect("json");
+            assert_eq!(v["response"], "error", "{v}");
+        }
+    }
+    assert!(d.child.try_wait().expect("wait").is_none(), "daemon died");
+    let st = json(&d, &["status"]);
+    assert_eq!(st["interfaces"][0]["iface"], SERVER_DEV);
+}
+
+/// Invalid policies: (text, line, col) of the first error.
+fn invalid_corpus() -> Vec<(String, usize, usize)> {
+    let rule = |body: &str| format!("[[rule]]\nname = \"r\"\n{body}\n");
+    let mut v: Vec<(String, usize, usize)> = vec![
+        (rule("prefix = \"10.0.0.1/8\"\nrate = 5"), 3, 10),
+        (rule("prefix = \"10.0.0.0/33\"\nrate = 5"), 3, 10),
+        (rule("prefix = \"010.0.0.0/8\"\nrate = 5"), 3, 10),
+        (rule("prefix = \"10.0.0.0/8/8\"\nrate = 5"), 3, 10),
+        (rule("prefix = \"2001:db8::1/32\"\nrate = 5"), 3, 10),
+        (rule("prefix = \"2001:db8::/129\"\nrate = 5"), 3, 10),
+        (rule("prefix = \"banana\"\nrate = 5"), 3, 10),
+        (rule("prefix = \"10.0.0.0/8\"\nrate = -1"), 4, 8),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = \"5/fortnight\""),
+            4,
+            8,
+        ),
+        (rule("prefix = \"10.0.0.0/8\"\nrate = \"x/s\""), 4, 8),
+        (rule("prefix = \"10.0.0.0/8\"\nrate = 5\nburst = -3"), 5, 9),
+        (rule("prefix = \"10.0.0.0/8\"\nrate = 5\nburst = 0"), 5, 9),
+        (rule("prefix = \"10.0.0.0/8\"\nrate = 5\ngroup = 7"), 5, 9),
+        (rule("prefix = \"10.0.0.0/8\"\nrate = 5\ngroup = 33"), 5, 9),
+        (
+            rule("prefix = \"2001:db8::/32\"\nrate = 5\ngroup = 200"),
+            5,
+            9,
+        ),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = 5\naction = \"reject\""),
+            5,
+            10,
+        ),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = 5\nceiling = 0"),
+            5,
+            11,
+        ),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = 5\nmax_wait = \"0s\""),
+            5,
+            12,
+        ),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = 5\nmax_wait = \"30\""),
+            5,
+            12,
+        ),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = 5\nmax_wait = \"1h\""),
+            5,
+            12,
+        ),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = 5\nmax_waiting = 0"),
+            5,
+            15,
+        ),
+        (
+            rule("prefix = \"10.0.0.0/8\"\nrate = 5\ncolour = \"red\""),
+            5,
+            1,
+        ),
+        (
+            "[defaults]\nipv4_group = 40\n".to_string()
+                + &rule("prefix = \"10.0.0.0/8\"\nrate = 5"),
+            2,
+            14,
+        ),
+        (
+            "[defaults]\nipv6_group = 129\n".to_string()
+                + &rule("prefix = \"10.0.0.0/8\"\nrate = 5"),
+            2,
+            14,
+        ),
+        (
+            "[defaults]\nmax_wait = \"-5s\"\n".to_string()
+                + &rule("prefix = \"10.0.0.0/8\"\nrate = 5"),
+            2,
+            12,
+        ),
+        ("[defaults]\nspeed = 1\n".to_string(), 2, 1),
+        (
+            "[protect]\nprefixes = [\"192.0.2.1/24\"]\n".to_string(),
+            2,
+            13,
+        ),
+        ("[protect]\nports = [70000]\n".to_string(), 2, 10),
+        ("[protect]\nports = [-1]\n".to_string(), 2, 10),
+        ("[protect]\nhosts = []\n".to_string(), 2, 1),
+        (
+            "[[rule]]\nprefix = \"10.0.0.0/8\"\nrate = 5\n".to_string(),
+            1,
+            1,
+        ),
+        ("[[rule]]\nname = \"r\"\nrate = 5\n".to_string(), 1, 1),
+        (
+            "[[rule]]\nname = \"r\"\nprefix = \"10.0.0.0/8\"\n".to_string(),
+            1,
+            1,
+        ),
+        ("[[rule\nname = \"r\"\n".to_string(), 1, 7),
+        ("this is not toml\n".to_string(), 1, 6),
+        (
+            "[[rule]]\nname = 5\nprefix = \"10.0.0.0/8\"\nrate = 5\n".to_string(),
+            2,
+            8,
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nprefix = [1]\nrate = 5\n".to_string(),
+            3,
+            10,
+        ),
+    ];
+    // Duplicates need two rules.
+    v.push((
+        rule("prefix = \"10.0.0.0/8\"\nrate = 5") + &rule("prefix = \"10.1.0.0/16\"\nrate = 5"),
+        6,
+        8,
+    ));
+    v.push((
+        rule("prefix = \"10.0.0.0/8\"\nrate = 5")
+            + "[[rule]]\nname = \"s\"\nprefix = \"10.0.0.0/8\"\nrate = 5\n",
+        7,
+        10,
+    ));
+    v.push((
+        "[protect]\nprefixes = [\"192.0.2.1/32\", \"192.0.2.1/32\"]\n".to_string(),
+        2,
+        29,
+    ));
+    v
+}
+
+#[test]
+fn policy_apply_is_whole_or_nothing_with_file_line_col_errors() {
+    let bed = bed();
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let s = sock(&d);
+    let hash0 = json(&d, &["policy", "show"])["hash"].clone();
+    let dir = d.config.parent().expect("dir").to_path_buf();
+    let corpus = invalid_corpus();
+    assert!(corpus.len() >= 40, "corpus has {}", corpus.len());
+    let mut wrong_place = Vec::new();
+    for (i, (text, line, col)) in corpus.iter().enumerate() {
+        let f = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&f, text).expect("write");
+        let fs = f.display().to_string();
+        let check = shaper(&["policy", "check", &fs]);
+        assert!(!check.status.success(), "bad{i} passed check:\n{text}");
+        let out = shaper(&["policy", "apply", &fs, "--socket", &s]);
+        assert!(!out.status.success(), "bad{i} applied:\n{text}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let want = format!("{fs}:{line}:{col}:");
+        if !err.contains(&want) {
+            wrong_place.push(format!("bad{i}: want {want}, got {err}"));
+        }
+        assert_eq!(
+            json(&d, &["policy", "show"])["hash"],
+            hash0,
+            "bad{i} changed the policy"
+        );
+    }
+    assert!(wrong_place.is_empty(), "{}", wrong_place.join("\n"));
+
+    // A good one applies; its generation and hash move.
+    let good = dir.join("good.toml");
+    std::fs::write(&good, POLICY.replace("rate = 20", "rate = 30")).expect("write");
+    let out = shaper(&[
+        "policy",
+        "apply",
+        &good.display().to_string(),
+        "--socket",
+        &s,
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["generation"], 2);
+    let shown = json(&d, &["policy", "show"]);
+    assert_ne!(shown["hash"], hash0);
+    assert_eq!(shown["policy"]["rules"][0]["rate"]["count"], 30);
+
+    // The lock-out guard: a policy limiting this SSH session is refused without --force.
+    let ssh = "198.18.77.5 50000 198.19.0.1 2222";
+    let out = Command::new(shaper_bin().expect("shaper"))
+        .args([
+            "policy",
+            "apply",
+            &good.display().to_string(),
+            "--socket",
+            &s,
+        ])
+        .env("SSH_CONNECTION", ssh)
+        .output()
+        .expect("apply");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SSH client 198.18.77.5"));
+    let out = Command::new(shaper_bin().expect("shaper"))
+        .args([
+            "policy",
+            "apply",
+            &good.display().to_string(),
+            "--socket",
+            &s,
+            "--force",
+        ])
+        .env("SSH_CONNECTION", ssh)
+        .output()
+        .expect("apply");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
+    let bed = bed();
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let wait_for = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if json(&d, &["policy", "show"])["hash"] == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    };
+    // A changed file is picked up by itself.
+    let v2 = POLICY.replace("rate = 20", "rate = 21");
+    std::fs::write(&d.config, &v2).expect("write");
+    assert!(
+        wait_for(&shaper::control::policy_hash(&v2)),
+        "file change not reloaded"
+    );
+    // A bad file is refused, logged, and the old policy stays.
+    std::fs::write(&d.config, "[[rule]]\nname = 1\n").expect("write");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        json(&d, &["policy", "show"])["hash"],
+        shaper::control::policy_hash(&v2)
+    );
+    assert!(d.log_text().contains("refused; the old policy stays"));
+    // SIGHUP reloads too.
+    let v3 = POLICY.replace("rate = 20", "rate = 22");
+    std::fs::write(&d.config, &v3).expect("write");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    assert!(
+        wait_for(&shaper::control::policy_hash(&v3)),
+        "SIGHUP not reloaded"
+    );
+}
+
+#[test]
+fn cli_exit_codes_and_json() {
+    let bed = bed();
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let s = sock(&d);
+    let st = json(&d, &["status"]);
+    let i = &st["interfaces"][0];
+    assert_eq!(i["iface"], SERVER_DEV);
+    assert!(matches!(i["mode"].as_str(), Some("native" | "skb")), "{i}");
+    assert!(i["prog_id"].as_u64().is_some_and(|p| p > 0));
+    assert!(i["maps"].as_array().is_some_and(|m| m.len() == 4));
+    assert_eq!(st["generation"], 1);
+    let stats = json(&d, &["stats"]);
+    assert_eq!(stats["rules"][0]["name"], "pupils");
+    assert_eq!(stats["rules"][0]["action"], "drop");
+    assert!(stats["global"]["admitted"].is_u64());
+    let shown = json(&d, &["policy", "show"]);
+    assert_eq!(shown["source"], POLICY);
+    // Human output works too.
+    for what in [&["status"][..], &["stats"], &["policy", "show"]] {
+        let mut a = what.to_vec();
+        a.extend_from_slice(&["--socket", &s]);
+        let out = shaper(&a);
+        assert!(out.status.success(), "{what:?}: {out:?}");
+        assert!(!out.stdout.is_empty());
+    }
+    // No daemon at the socket: a clear error and a failure exit.
+    let out = shaper(&["status", "--socket", "/nonexistent/shaper.sock"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running?"));
+    // Completions and the man page come from the clap definitions.
+    let out = shaper(&["completions", "bash"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("shaper"));
+    let out = shaper(&["man"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(".TH"));
+    // Bad usage: clap's exit code 2.
+    assert_eq!(shaper(&["stats", "-o", "yaml"]).status.code(), Some(2));
+    let _ = Path::new(&s);
+}
