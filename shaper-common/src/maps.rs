@@ -15,7 +15,8 @@ pub const BASELINE_PROGRAM_NAME: &str = "shaper_baseline";
 pub const MAP_RULES_V4: &str = "RULES_V4";
 /// LPM trie: source IPv6 prefix → [`RuleEntry`]. Written by the daemon.
 pub const MAP_RULES_V6: &str = "RULES_V6";
-/// Array indexed by TCP destination port → `u32` (1 = protected). Written by the daemon.
+/// Array indexed by TCP destination port → `u32`, bit G set if the port is protected in
+/// policy generation G. Written by the daemon.
 pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
 /// LRU hash: [`GroupKey`] → [`GroupState`]. Written by the program.
 pub const MAP_GROUPS: &str = "GROUPS";
@@ -66,10 +67,23 @@ pub mod rule_flags {
     pub const PROTECTED: u8 = 1;
 }
 
-/// The data of an IPv4 LPM key (`aya` adds the prefix length in front).
-pub type PrefixV4 = [u8; 4];
-/// The data of an IPv6 LPM key.
-pub type PrefixV6 = [u8; 16];
+/// The data of an IPv4 LPM key (`aya` adds the prefix length in front): the policy
+/// generation, then the address. Entries of both generations live in one trie; a key's
+/// prefix length counts the generation byte ([`GEN_BITS`]) too.
+pub type PrefixV4 = [u8; 5];
+/// The data of an IPv6 LPM key: generation, address.
+pub type PrefixV6 = [u8; 17];
+/// Bits of the generation in front of an LPM key's address.
+pub const GEN_BITS: u32 = 8;
+
+/// Array of one `u32`: the active policy generation (0 or 1). The daemon writes a new
+/// policy under the other generation, then flips this word: a packet reads it once, so
+/// it sees one whole policy, never a mix.
+pub const MAP_CONFIG: &str = "CONFIG";
+/// Array indexed by rule id → `u64` hash of the rule's definition (0: free). Written and
+/// read by the daemon only; pinned, so a restarted daemon keeps each rule's id (and its
+/// counters and group state).
+pub const MAP_RULE_IDS: &str = "RULE_IDS";
 
 /// One compiled rule, the value of the rule tries.
 ///

@@ -22,7 +22,7 @@ pub static RULES_V4: LpmTrie<PrefixV4, RuleEntry> = LpmTrie::with_max_entries(MA
 #[map]
 pub static RULES_V6: LpmTrie<PrefixV6, RuleEntry> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 
-/// TCP destination port → 1 if protected. Written by the daemon; one entry per port so
+/// TCP destination port → bit G set if protected in policy generation G. Written by the daemon; one entry per port so
 /// the lookup is a constant-time (inlined) array access.
 #[map]
 pub static PROTECTED_PORTS: Array<u32> = Array::with_max_entries(PORTS, 0);
@@ -52,3 +52,12 @@ pub static WAITERS: LruHashMap<WaitKey, Waiter> = LruHashMap::with_max_entries(M
 /// fixed (the program masks with it). Written by the program.
 #[map]
 pub static PROBES: Array<ProbeSlot> = Array::with_max_entries(PROBE_SLOTS, 0);
+
+/// [0]: the active policy generation. Written by the daemon.
+#[map]
+pub static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Rule id → hash of its definition. The daemon's bookkeeping (pinned with the rest);
+/// the program never reads it.
+#[map]
+pub static RULE_IDS: Array<u64> = Array::with_max_entries(MAX_RULES, 0);

@@ -8,13 +8,13 @@ use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit, group_v4, group_v6,
     line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
     maps::{
-        GroupKey, GroupState, PROBE_SLOTS, ProbeSlot, RuleEntry, WaitKey, Waiter, action, family,
-        rule_flags,
+        GEN_BITS, GroupKey, GroupState, PROBE_SLOTS, ProbeSlot, RuleEntry, WaitKey, Waiter, action,
+        family, rule_flags,
     },
 };
 
 use crate::{
-    maps::{GROUPS, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES_V4, RULES_V6, WAITERS},
+    maps::{CONFIG, GROUPS, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES_V4, RULES_V6, WAITERS},
     parse::{Attempt, Source},
     stats::{count_rule, count_wait},
 };
@@ -44,17 +44,18 @@ impl TatCell for MapCell {
 /// Decide what happens to one attempt.
 #[inline(always)]
 pub fn police(attempt: &Attempt) -> Reason {
+    let pgen = generation();
     let (rule, addr) = match attempt.source {
-        Source::V4(a) => match RULES_V4.get(Key::new(32, a)) {
+        Source::V4(a) => match RULES_V4.get(Key::new(GEN_BITS + 32, v4_gen_key(pgen, a))) {
             Some(r) => (r, v4_key(group_v4(a, r.group_len))),
             None => return Reason::NoRule,
         },
-        Source::V6(a) => match RULES_V6.get(Key::new(128, a)) {
+        Source::V6(a) => match RULES_V6.get(Key::new(GEN_BITS + 128, v6_gen_key(pgen, a))) {
             Some(r) => (r, group_v6(a, r.group_len)),
             None => return Reason::NoRule,
         },
     };
-    if rule.flags & rule_flags::PROTECTED != 0 || port_protected(attempt.dport) {
+    if rule.flags & rule_flags::PROTECTED != 0 || port_protected(attempt.dport, pgen) {
         count_rule(rule.rule_id, Outcome::Protected);
         return Reason::Protected;
     }
@@ -93,8 +94,36 @@ fn v4_key(a: [u8; 4]) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn port_protected(port: u16) -> bool {
-    matches!(PROTECTED_PORTS.get(u32::from(port)), Some(&v) if v != 0)
+fn port_protected(port: u16, pgen: u8) -> bool {
+    matches!(PROTECTED_PORTS.get(u32::from(port)), Some(&v) if v & (1 << pgen) != 0)
+}
+
+/// The active policy generation: read once per attempt, so every lookup of the attempt
+/// sees the same whole policy.
+#[inline(always)]
+fn generation() -> u8 {
+    match CONFIG.get(0) {
+        Some(&g) => (g & 1) as u8,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn v4_gen_key(pgen: u8, a: [u8; 4]) -> [u8; 5] {
+    let [a0, a1, a2, a3] = a;
+    [pgen, a0, a1, a2, a3]
+}
+
+#[inline(always)]
+fn v6_gen_key(pgen: u8, a: [u8; 16]) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = pgen;
+    let mut i = 0;
+    while i < 16 {
+        k[i + 1] = a[i];
+        i += 1;
+    }
+    k
 }
 
 /// Take from the group's budget and the rule's ceiling.

@@ -10,9 +10,9 @@ use aya::{
     programs::Xdp,
 };
 use shaper_common::maps::{
-    MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_STATS, MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS,
-    MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PROGRAM_NAME, PrefixV4, PrefixV6, RuleBudget, RuleEntry,
-    RuleStats,
+    GEN_BITS, MAP_CONFIG, MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS,
+    MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PROGRAM_NAME,
+    PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats,
 };
 
 use crate::policy::Compiled;
@@ -104,9 +104,10 @@ impl Dataplane {
         program_mut(&mut self.ebpf, PROGRAM_NAME)
     }
 
-    /// Write `policy` into the maps: new and changed entries first, then stale ones
-    /// removed, so an attempt never finds no rule where the old and new policy both
-    /// have one.
+    /// Write `policy` into the maps as a new generation, atomically: its entries go in
+    /// under the inactive generation, then the active-generation word flips, then the
+    /// old generation's entries are removed. A packet reads the word once, so it sees
+    /// the old policy or the new one, never a mix.
     pub fn apply(&mut self, policy: &Compiled) -> Result<()> {
         if policy.rule_count() > self.capacity.rules as usize {
             return Err(anyhow!(
@@ -115,17 +116,158 @@ impl Dataplane {
                 self.capacity.rules
             ));
         }
-        sync_trie::<PrefixV4>(&mut self.ebpf, MAP_RULES_V4, &policy.v4)?;
-        sync_trie::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, &policy.v6)?;
+        let active = self.generation()?;
+        let next = 1 - active;
+        let v4: Vec<(PrefixV4, u32, RuleEntry)> = policy
+            .v4
+            .iter()
+            .map(|(a, len, e)| (gen_key(next, a), len + GEN_BITS, *e))
+            .collect();
+        let v6: Vec<(PrefixV6, u32, RuleEntry)> = policy
+            .v6
+            .iter()
+            .map(|(a, len, e)| (gen_key(next, a), len + GEN_BITS, *e))
+            .collect();
+        write_generation::<PrefixV4>(&mut self.ebpf, MAP_RULES_V4, next, &v4)?;
+        write_generation::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, next, &v6)?;
+        let protected: HashSet<u16> = policy.protected_ports.iter().copied().collect();
+        self.port_bits(|port, v| {
+            if protected.contains(&port) {
+                v | (1 << next)
+            } else {
+                v & !(1 << next)
+            }
+        })?;
+        self.set_generation(next)?;
+        // Packets that read the old generation finish within microseconds; give them a
+        // wide margin before its entries go.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_generation::<PrefixV4>(&mut self.ebpf, MAP_RULES_V4, active, &[])?;
+        write_generation::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, active, &[])?;
+        self.port_bits(|_, v| v & !(1 << active))?;
+        Ok(())
+    }
+
+    /// Apply a validated policy with stable rule ids: a rule defined exactly as before
+    /// keeps its id (and so its counters and group state, also across daemon restarts:
+    /// the ids are pinned); other rules get free ids, whose old state is cleared first.
+    /// Returns each rule's id.
+    pub fn apply_policy(&mut self, policy: &crate::policy::Policy) -> Result<Vec<u32>> {
+        let cap = self.capacity.rules;
+        let hashes: Vec<u64> = policy.rules.iter().map(rule_hash).collect();
+        let current: Vec<u64> = {
+            let ids: Array<&MapData, u64> = Array::try_from(
+                self.ebpf
+                    .map(MAP_RULE_IDS)
+                    .ok_or_else(|| anyhow!("map {MAP_RULE_IDS} missing"))?,
+            )?;
+            (0..cap).map(|i| ids.get(&i, 0).unwrap_or(0)).collect()
+        };
+        let mut ids: Vec<Option<u32>> = vec![None; hashes.len()];
+        let mut taken: HashSet<u32> = HashSet::new();
+        for (i, h) in hashes.iter().enumerate() {
+            if let Some(id) = (0..cap).find(|id| current[*id as usize] == *h && !taken.contains(id))
+            {
+                ids[i] = Some(id);
+                taken.insert(id);
+            }
+        }
+        let mut fresh = Vec::new();
+        for slot in ids.iter_mut().filter(|s| s.is_none()) {
+            // Only ids the active generation does not use.
+            let id = (0..cap)
+                .find(|id| current[*id as usize] == 0 && !taken.contains(id))
+                .ok_or_else(|| anyhow!("no free rule id: the data plane holds {cap} rules"))?;
+            *slot = Some(id);
+            taken.insert(id);
+            fresh.push(id);
+        }
+        let ids: Vec<u32> = ids.into_iter().flatten().collect();
+        self.forget_rules(&fresh)?;
+        self.apply(&policy.compile_with_ids(&ids))?;
+        let mut table: Array<&mut MapData, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_RULE_IDS)
+                .ok_or_else(|| anyhow!("map {MAP_RULE_IDS} missing"))?,
+        )?;
+        for id in 0..cap {
+            let want = ids
+                .iter()
+                .position(|x| *x == id)
+                .map_or(0, |pos| hashes[pos]);
+            if current[id as usize] != want {
+                table.set(id, want, 0)?;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Clear everything kept under rule ids about to be given to new rules: counters,
+    /// ceiling, groups, waiting clients.
+    fn forget_rules(&mut self, ids: &[u32]) -> Result<()> {
+        use shaper_common::maps::{GroupKey, GroupState, MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.reset_rules(ids.iter().copied())?;
+        let set: HashSet<u32> = ids.iter().copied().collect();
+        if let Some(m) = self.ebpf.map_mut(MAP_GROUPS) {
+            let mut groups = aya::maps::HashMap::<_, GroupKey, GroupState>::try_from(m)?;
+            let stale: Vec<GroupKey> = groups
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| set.contains(&k.rule_id))
+                .collect();
+            for k in stale {
+                let _ = groups.remove(&k);
+            }
+        }
+        if let Some(m) = self.ebpf.map_mut(MAP_WAITERS) {
+            let mut waiters = aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)?;
+            let stale: Vec<WaitKey> = waiters
+                .iter()
+                .filter_map(|kv| kv.ok())
+                .filter(|(_, w)| set.contains(&w.rule_id))
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                let _ = waiters.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    /// The active policy generation (0 or 1).
+    pub fn generation(&self) -> Result<u8> {
+        let config: Array<&MapData, u32> = Array::try_from(
+            self.ebpf
+                .map(MAP_CONFIG)
+                .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
+        )?;
+        Ok((config.get(&0, 0)? & 1) as u8)
+    }
+
+    fn set_generation(&mut self, g: u8) -> Result<()> {
+        let mut config: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
+        )?;
+        config.set(0, u32::from(g), 0)?;
+        Ok(())
+    }
+
+    /// Rewrite each port's generation bits with `f(port, bits)`, writing only changes.
+    fn port_bits(&mut self, f: impl Fn(u16, u32) -> u32) -> Result<()> {
         let mut ports: Array<&mut MapData, u32> = Array::try_from(
             self.ebpf
                 .map_mut(MAP_PROTECTED_PORTS)
                 .ok_or_else(|| anyhow!("map {MAP_PROTECTED_PORTS} missing"))?,
         )?;
-        let protected: HashSet<u16> = policy.protected_ports.iter().copied().collect();
         for port in 0..=u16::MAX {
-            let want = u32::from(protected.contains(&port));
-            if ports.get(&u32::from(port), 0)? != want {
+            let v = ports.get(&u32::from(port), 0)?;
+            let want = f(port, v);
+            if want != v {
                 ports.set(u32::from(port), want, 0)?;
             }
         }
@@ -238,29 +380,50 @@ fn raise_memlock() {
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
-/// Make the trie hold exactly `entries`.
-fn sync_trie<K: aya::Pod + Eq + std::hash::Hash>(
+/// Make generation `g` of the trie hold exactly `entries` (keys already carry `g`);
+/// the other generation's entries are left alone.
+fn write_generation<K: aya::Pod + Eq + std::hash::Hash + AsRef<[u8]>>(
     ebpf: &mut Ebpf,
     name: &str,
+    g: u8,
     entries: &[(K, u32, RuleEntry)],
 ) -> Result<()> {
     let mut trie: LpmTrie<&mut MapData, K, RuleEntry> = LpmTrie::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing"))?,
     )?;
-    let mut want = HashSet::new();
-    for (data, len, entry) in entries {
-        trie.insert(&Key::new(*len, *data), entry, 0)
-            .with_context(|| format!("writing {name} (is the trie full?)"))?;
-        want.insert((*len, *data));
-    }
+    let want: HashSet<(u32, K)> = entries.iter().map(|(d, l, _)| (*l, *d)).collect();
     let stale: Vec<Key<K>> = trie
         .keys()
         .filter_map(|k| k.ok())
+        .filter(|k| k.data().as_ref().first() == Some(&g))
         .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
         .collect();
     for k in stale {
         trie.remove(&k)?;
     }
+    for (data, len, entry) in entries {
+        trie.insert(&Key::new(*len, *data), entry, 0)
+            .with_context(|| format!("writing {name} (is the trie full?)"))?;
+    }
     Ok(())
+}
+
+/// An LPM key's data for generation `g`: the generation byte, then the address.
+fn gen_key<const N: usize, const M: usize>(g: u8, addr: &[u8; N]) -> [u8; M] {
+    let mut k = [0u8; M];
+    k[0] = g;
+    k[1..].copy_from_slice(addr);
+    k
+}
+
+/// A nonzero hash of a rule's whole definition (FNV-1a over its JSON form).
+fn rule_hash(r: &crate::policy::Rule) -> u64 {
+    let text = serde_json::to_string(r).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
 }

@@ -13,9 +13,10 @@ use aya::maps::MapData;
 use shaper_common::{
     Reason,
     maps::{
-        GroupKey, GroupState, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES, MAP_PROTECTED_PORTS,
-        MAP_RULE_BUDGETS, MAP_RULE_STATS, MAP_RULES_V4, MAP_RULES_V6, MAP_WAITERS, PORTS,
-        PROBE_SLOTS, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
+        GroupKey, GroupState, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES,
+        MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES_V4,
+        MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, ProbeSlot, RuleBudget, RuleEntry, RuleStats,
+        WaitKey, Waiter,
     },
 };
 
@@ -30,7 +31,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const LINK: &str = "link";
 
 /// The maps that are pinned (the program's global data is not).
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_RULES_V4,
     MAP_RULES_V6,
     MAP_PROTECTED_PORTS,
@@ -40,6 +41,8 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_GLOBAL_STATS,
     MAP_WAITERS,
     MAP_PROBES,
+    MAP_CONFIG,
+    MAP_RULE_IDS,
 ];
 
 /// One interface's pin directory.
@@ -96,8 +99,10 @@ pub fn ensure_root(root: &Path) -> Result<()> {
 fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
     let s = |n: usize| n as u32;
     Some(match name {
-        MAP_RULES_V4 => (8, s(size_of::<RuleEntry>()), cap.prefixes),
-        MAP_RULES_V6 => (20, s(size_of::<RuleEntry>()), cap.prefixes),
+        MAP_RULES_V4 => (4 + 5, s(size_of::<RuleEntry>()), cap.prefixes),
+        MAP_RULES_V6 => (4 + 17, s(size_of::<RuleEntry>()), cap.prefixes),
+        MAP_CONFIG => (4, 4, 1),
+        MAP_RULE_IDS => (4, 8, cap.rules),
         MAP_PROTECTED_PORTS => (4, 4, PORTS),
         MAP_GROUPS => (
             s(size_of::<GroupKey>()),

@@ -45,10 +45,15 @@ struct Iface {
 struct State {
     ifaces: Vec<Iface>,
     policy: Policy,
+    /// Each rule's id in the data plane (stable across applies and restarts).
+    ids: Vec<u32>,
     source: String,
     hash: String,
     generation: u64,
     config: PathBuf,
+    /// Hash of the config file's content when last read: a change of the file (not a
+    /// `policy apply` from elsewhere) triggers a reload.
+    file_hash: String,
     started: Instant,
 }
 
@@ -66,8 +71,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         pins::ensure_root(&args.pin_root)?;
-        let compiled = policy.compile();
         let mut ifaces = Vec::new();
+        let mut ids = Vec::new();
         for iface in &args.ifaces {
             let dir = pins::iface_dir(&args.pin_root, iface);
             let d2 = dir.clone();
@@ -77,7 +82,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             })
             .await
             .context("the loader task failed")??;
-            dp.apply(&compiled)
+            ids = dp
+                .apply_policy(&policy)
                 .context("writing the policy into the maps")?;
             let att = attach::attach_pinned(dp.program()?, iface, args.mode, &dir, args.replace)?;
             tracing::info!(
@@ -105,7 +111,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         let state = Arc::new(Mutex::new(State {
             ifaces,
             policy,
+            ids,
             source,
+            file_hash: hash.clone(),
             hash,
             generation: 1,
             config: args.config.clone(),
@@ -208,7 +216,7 @@ fn notify(msg: &str) {
 fn config_changed(state: &Arc<Mutex<State>>) -> bool {
     let Ok(s) = state.lock() else { return false };
     match std::fs::read_to_string(&s.config) {
-        Ok(text) => control::policy_hash(&text) != s.hash,
+        Ok(text) => control::policy_hash(&text) != s.file_hash,
         Err(_) => false,
     }
 }
@@ -221,12 +229,15 @@ fn reload(state: &Arc<Mutex<State>>, why: &str) {
         Err(e) => {
             tracing::error!(error = %e, config = %config.display(), "reload ({why}): cannot read the config; the old policy stays")
         }
-        Ok(text) => match apply(&mut s, &config.display().to_string(), &text, None, true) {
-            Ok((generation, hash)) => {
-                tracing::info!(generation, hash = %hash, "reloaded ({why})")
+        Ok(text) => {
+            s.file_hash = control::policy_hash(&text);
+            match apply(&mut s, &config.display().to_string(), &text, None, true) {
+                Ok((generation, hash)) => {
+                    tracing::info!(generation, hash = %hash, "reloaded ({why})")
+                }
+                Err(e) => tracing::error!("reload ({why}) refused; the old policy stays:\n{e}"),
             }
-            Err(e) => tracing::error!("reload ({why}) refused; the old policy stays:\n{e}"),
-        },
+        }
     }
     notify("READY=1");
 }
@@ -249,32 +260,25 @@ fn apply(
     for i in &s.ifaces {
         let cap = &i.dp.capacity;
         if compiled.rule_count() > cap.rules as usize
-            || compiled.v4.len() > cap.prefixes as usize
-            || compiled.v6.len() > cap.prefixes as usize
+            || compiled.v4.len() > cap.prefixes as usize / 2
+            || compiled.v6.len() > cap.prefixes as usize / 2
         {
             return Err(format!(
-                "the policy needs {} rules and {}/{} prefixes; the data plane holds {} and {}",
+                "the policy needs {} rules and {}/{} prefixes; the data plane holds {} rules \
+                 and {} prefixes per family (half of the tries: two generations live in them)",
                 compiled.rule_count(),
                 compiled.v4.len(),
                 compiled.v6.len(),
                 cap.rules,
-                cap.prefixes
+                cap.prefixes / 2
             ));
         }
     }
-    // Rule ids are positions: a position whose rule changed starts with fresh counters.
-    let changed: Vec<u32> = policy
-        .rules
-        .iter()
-        .enumerate()
-        .filter(|(id, r)| s.policy.rules.get(*id) != Some(*r))
-        .map(|(id, _)| id as u32)
-        .collect();
+    let mut ids = Vec::new();
     for i in &mut s.ifaces {
-        i.dp.apply(&compiled).map_err(|e| format!("{e:#}"))?;
-        i.dp.reset_rules(changed.iter().copied())
-            .map_err(|e| format!("{e:#}"))?;
+        ids = i.dp.apply_policy(&policy).map_err(|e| format!("{e:#}"))?;
     }
+    s.ids = ids;
     s.policy = policy;
     s.source = text.to_string();
     s.hash = control::policy_hash(text);
@@ -439,7 +443,8 @@ fn status(s: &State) -> Status {
 
 fn stats(s: &State) -> Stats {
     let mut out = Stats::default();
-    for (id, rule) in s.policy.rules.iter().enumerate() {
+    for (pos, rule) in s.policy.rules.iter().enumerate() {
+        let Some(&id) = s.ids.get(pos) else { continue };
         let mut v = RuleStatsView {
             name: rule.name.clone(),
             prefix: rule.prefix.to_string(),
@@ -449,7 +454,7 @@ fn stats(s: &State) -> Stats {
         let mut wait = [0u64; WAIT_BUCKETS];
         let mut sum_ns = 0u64;
         for i in &s.ifaces {
-            let Ok(c) = i.dp.rule_counters(id as u32) else {
+            let Ok(c) = i.dp.rule_counters(id) else {
                 continue;
             };
             v.admitted += c.get(Outcome::Admitted);

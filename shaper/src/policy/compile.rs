@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use shaper_common::{
     Budget,
-    maps::{PrefixV4, PrefixV6, RuleEntry, action, rule_flags},
+    maps::{RuleEntry, action, rule_flags},
 };
 
 use super::{Action, Policy, Prefix};
@@ -17,11 +17,11 @@ use super::{Action, Policy, Prefix};
 /// Rule id of a protected prefix that no rule covers (counted globally only).
 pub const NO_RULE: u32 = u32::MAX;
 
-/// Trie entries: (prefix data, prefix length, value).
+/// Trie entries: (address, prefix length, value). The data plane adds the generation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
-    pub v4: Vec<(PrefixV4, u32, RuleEntry)>,
-    pub v6: Vec<(PrefixV6, u32, RuleEntry)>,
+    pub v4: Vec<([u8; 4], u32, RuleEntry)>,
+    pub v6: Vec<([u8; 16], u32, RuleEntry)>,
     pub protected_ports: Vec<u16>,
     rules: usize,
 }
@@ -45,8 +45,16 @@ fn action_code(a: Action) -> u8 {
 impl Policy {
     /// The trie entries for this policy. Rule ids are the rules' positions.
     pub fn compile(&self) -> Compiled {
+        let ids: Vec<u32> = (0..self.rules.len() as u32).collect();
+        self.compile_with_ids(&ids)
+    }
+
+    /// The trie entries, rule `i` under id `ids[i]`.
+    pub fn compile_with_ids(&self, ids: &[u32]) -> Compiled {
+        let id_of = |i: usize| ids.get(i).copied().unwrap_or(NO_RULE);
         let mut entries: Vec<(Prefix, RuleEntry)> = Vec::new();
-        for (id, r) in self.rules.iter().enumerate() {
+        for (pos, r) in self.rules.iter().enumerate() {
+            let id = id_of(pos);
             let group = Budget::new(r.rate.count, r.rate.period_ns, r.burst);
             let ceiling = r.ceiling.map_or(Budget::NONE, |c| {
                 Budget::new(c.count, c.period_ns, c.per_second_ceil())
@@ -55,7 +63,7 @@ impl Policy {
             entries.push((
                 r.prefix,
                 RuleEntry {
-                    rule_id: u32::try_from(id).unwrap_or(NO_RULE),
+                    rule_id: id,
                     action: action_code(r.action),
                     group_len: r.group,
                     flags: if protected { rule_flags::PROTECTED } else { 0 },
@@ -80,8 +88,7 @@ impl Policy {
                 .enumerate()
                 .filter(|(_, r)| r.prefix.covers(p))
                 .max_by_key(|(_, r)| r.prefix.len)
-                .and_then(|(id, _)| u32::try_from(id).ok())
-                .unwrap_or(NO_RULE);
+                .map_or(NO_RULE, |(pos, _)| id_of(pos));
             entries.push((
                 *p,
                 RuleEntry {
