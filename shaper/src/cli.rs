@@ -105,6 +105,44 @@ pub enum PolicyCommand {
     },
     /// The policy the daemon enforces.
     Show(ClientArgs),
+    /// Add or replace one rule of the active policy (through the same validation and
+    /// atomic switch as `apply`; the config file is not changed).
+    Set(SetArgs),
+    /// Remove one rule from the active policy.
+    Rm {
+        name: String,
+        /// Apply even if it would limit the SSH session this command runs from.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct SetArgs {
+    pub name: String,
+    #[arg(long)]
+    pub prefix: String,
+    /// New connections per second per group ("20", "20/s", "1200/min").
+    #[arg(long)]
+    pub rate: String,
+    #[arg(long)]
+    pub burst: Option<i64>,
+    /// Group length in bits.
+    #[arg(long)]
+    pub group: Option<i64>,
+    /// allow, monitor, drop or defer.
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Whole-rule budget per second.
+    #[arg(long)]
+    pub ceiling: Option<String>,
+    /// Apply even if it would limit the SSH session this command runs from.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
@@ -154,6 +192,51 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 _ => String::new(),
             })
         }
+        Command::Policy(PolicyCommand::Set(a)) => {
+            let mut rule = toml::Table::new();
+            rule.insert("name".into(), a.name.clone().into());
+            rule.insert("prefix".into(), a.prefix.clone().into());
+            rule.insert("rate".into(), rate_value(&a.rate));
+            if let Some(b) = a.burst {
+                rule.insert("burst".into(), b.into());
+            }
+            if let Some(g) = a.group {
+                rule.insert("group".into(), g.into());
+            }
+            if let Some(x) = &a.action {
+                rule.insert("action".into(), x.clone().into());
+            }
+            if let Some(c) = &a.ceiling {
+                rule.insert("ceiling".into(), rate_value(c));
+            }
+            // Check the rule alone first, so errors name the flag.
+            if let Some(msg) = check_flags(&rule) {
+                eprintln!("{msg}\nnothing was applied");
+                return Ok(ExitCode::FAILURE);
+            }
+            edit_policy(&a.client, a.force, "set", |rules| {
+                match rules
+                    .iter_mut()
+                    .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(&a.name))
+                {
+                    Some(slot) => *slot = toml::Value::Table(rule),
+                    None => rules.push(toml::Value::Table(rule)),
+                }
+                Ok(())
+            })
+        }
+        Command::Policy(PolicyCommand::Rm {
+            name,
+            force,
+            client,
+        }) => edit_policy(&client, force, "rm", |rules| {
+            let before = rules.len();
+            rules.retain(|r| r.get("name").and_then(|n| n.as_str()) != Some(&name));
+            if rules.len() == before {
+                bail!("no rule named `{name}` in the active policy (see `shaper policy show`)");
+            }
+            Ok(())
+        }),
         Command::Policy(PolicyCommand::Show(c)) => {
             let reply = control::call(&c.socket, Request::PolicyShow)?;
             print_reply(&reply, c.output, |r| match r {
@@ -182,6 +265,79 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Validate one rule given by flags; errors name the flag (`--rate: …`).
+fn check_flags(rule: &toml::Table) -> Option<String> {
+    let mut text = String::from("[[rule]]\n");
+    let mut keys = vec![""];
+    for (k, v) in rule {
+        text.push_str(&format!("{k} = {v}\n"));
+        keys.push(k.as_str());
+    }
+    let errors = policy::parse("flags", &text).err()?;
+    Some(
+        errors
+            .0
+            .iter()
+            .map(|e| match keys.get(e.line.saturating_sub(1)) {
+                Some(k) if !k.is_empty() => format!("--{k}: {}", e.message),
+                _ => e.message.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// A rate flag as the policy file writes it: an integer, or a string like "20/s".
+fn rate_value(s: &str) -> toml::Value {
+    match s.parse::<i64>() {
+        Ok(n) => n.into(),
+        Err(_) => s.to_string().into(),
+    }
+}
+
+/// Fetch the active policy, edit its rules, apply the result like `policy apply`.
+fn edit_policy(
+    client: &ClientArgs,
+    force: bool,
+    what: &str,
+    edit: impl FnOnce(&mut Vec<toml::Value>) -> Result<()>,
+) -> Result<ExitCode> {
+    let Response::Policy(view) = control::call(&client.socket, Request::PolicyShow)? else {
+        bail!("the daemon did not return its policy");
+    };
+    let mut doc: toml::Table =
+        toml::from_str(&view.source).context("the active policy does not parse as TOML")?;
+    let mut rules = match doc.remove("rule") {
+        Some(toml::Value::Array(a)) => a,
+        _ => Vec::new(),
+    };
+    edit(&mut rules)?;
+    if !rules.is_empty() {
+        doc.insert("rule".into(), toml::Value::Array(rules));
+    }
+    let text = toml::to_string(&doc)?;
+    let name = format!("policy {what}");
+    if let Err(errors) = policy::parse(&name, &text) {
+        eprintln!("{errors}\nnothing was applied");
+        return Ok(ExitCode::FAILURE);
+    }
+    let reply = control::call(
+        &client.socket,
+        Request::PolicyApply {
+            file: name,
+            text,
+            ssh_client: std::env::var("SSH_CONNECTION").ok(),
+            force,
+        },
+    )?;
+    print_reply(&reply, client.output, |r| match r {
+        Response::Applied { generation, hash } => {
+            format!("applied: generation {generation}, policy hash {hash}")
+        }
+        _ => String::new(),
+    })
 }
 
 /// Print a reply as JSON or through `human`; an error reply fails the command.

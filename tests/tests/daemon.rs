@@ -553,6 +553,59 @@ fn cli_exit_codes_and_json() {
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("shaper"));
     let out = shaper(&["man"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(".TH"));
+    // policy set / rm edit one rule through the same validation and atomic switch.
+    let out = shaper(&[
+        "policy",
+        "set",
+        "lab",
+        "--prefix",
+        "198.18.40.0/24",
+        "--rate",
+        "5/s",
+        "--burst",
+        "7",
+        "--action",
+        "defer",
+        "--socket",
+        &s,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = json(&d, &["policy", "show"]);
+    let rules = shown["policy"]["rules"].as_array().expect("rules").clone();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["name"] == "lab" && r["action"] == "defer" && r["burst"] == 7)
+    );
+    assert_eq!(shown["generation"], 2);
+    let out = shaper(&[
+        "policy",
+        "set",
+        "lab",
+        "--prefix",
+        "198.18.40.1/24",
+        "--rate",
+        "5",
+        "--socket",
+        &s,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--prefix:") && err.contains("host bits"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&d, &["policy", "show"])["generation"],
+        2,
+        "a bad set changes nothing"
+    );
+    let out = shaper(&["policy", "rm", "lab", "--socket", &s]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = json(&d, &["policy", "show"]);
+    assert_eq!(shown["policy"]["rules"].as_array().map(Vec::len), Some(1));
+    let out = shaper(&["policy", "rm", "lab", "--socket", &s]);
+    assert!(!out.status.success(), "removing a missing rule fails");
     // Bad usage: clap's exit code 2.
     assert_eq!(shaper(&["stats", "-o", "yaml"]).status.code(), Some(2));
     let _ = Path::new(&s);
