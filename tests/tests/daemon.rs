@@ -692,3 +692,29 @@ fn a_hundred_applies_under_a_storm_never_mix_generations() {
     );
     assert_eq!(json(&d, &["status"])["generation"], 101);
 }
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    let bed = bed();
+    // Pins made by a build with another group table size, in the daemon's pin directory.
+    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/shaper-test-{}", bed.srv.name));
+    let dir = root.join(SERVER_DEV);
+    let other = shaper::dataplane::Capacity {
+        groups: 1024,
+        ..Default::default()
+    };
+    shaper::pins::ensure_root(&root).expect("bpffs");
+    let dp =
+        shaper::dataplane::Dataplane::load_object_pinned(shaper::EBPF_OBJECT, other, Some(&dir))
+            .expect("load with other sizes");
+    drop(dp);
+    let err = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[])
+        .err()
+        .expect("must refuse the pins");
+    let msg = format!("{err:#}");
+    let _ = shaper::pins::remove(&dir);
+    let _ = std::fs::remove_dir(&root);
+    assert!(msg.contains("does not match this shaper build"), "{msg}");
+    assert!(msg.contains("GROUPS"), "{msg}");
+    assert!(!bed.srv.has_xdp(SERVER_DEV), "nothing attached");
+}
