@@ -145,6 +145,18 @@ fn kill_9_ten_times_during_a_storm_keeps_enforcing_and_adopts() {
     );
     let last_prog = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
     assert_ne!(first_prog, last_prog, "each adoption replaces the program");
+    // The kernel runs the new program on the interface.
+    let ip = Command::new("ip")
+        .args(["-n", &bed.srv.name, "-d", "link", "show", "dev", SERVER_DEV])
+        .output()
+        .expect("ip");
+    let text = String::from_utf8_lossy(&ip.stdout).to_string();
+    let attached: Option<u64> = text
+        .split_whitespace()
+        .skip_while(|w| !w.starts_with("prog/xdp"))
+        .nth(2)
+        .and_then(|id| id.parse().ok());
+    assert_eq!(attached, last_prog, "{text}");
     let b = bulk.finish().expect("bulk");
     let seen = server.bulk();
     println!(
