@@ -298,5 +298,11 @@ impl Drop for Daemon {
             let _ = self.stop();
         }
         self.remove_pins();
+        // Keep the log and config of a failing test for its report; tidy up otherwise.
+        if !std::thread::panicking()
+            && let Some(dir) = self.config.parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
