@@ -20,10 +20,19 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use shaper_common::Reason;
 
+/// The build's number, which the loader may set (`EbpfLoader::set_global`): two loads
+/// with different numbers are two different programs (the upgrade tests swap them).
+#[unsafe(no_mangle)]
+static SHAPER_BUILD: u32 = 1;
+
 #[xdp]
 pub fn shaper(ctx: XdpContext) -> u32 {
     let reason = match parse::attempt(&ctx) {
-        Ok(attempt) => police::police(&attempt),
+        Ok(attempt) => {
+            // SAFETY: a read of the program's own read-only global (kept by the read).
+            let _build = unsafe { core::ptr::read_volatile(&raw const SHAPER_BUILD) };
+            police::police(&attempt)
+        }
         Err(reason) => reason,
     };
     stats::count(reason);

@@ -70,8 +70,23 @@ impl Dataplane {
         capacity: Capacity,
         dir: Option<&Path>,
     ) -> Result<Dataplane> {
+        Self::load_build(object, capacity, dir, None)
+    }
+
+    /// [`Dataplane::load_object_pinned`], with the program's build number set (another
+    /// build of the same code, for upgrade tests).
+    pub fn load_build(
+        object: &[u8],
+        capacity: Capacity,
+        dir: Option<&Path>,
+        build: Option<u32>,
+    ) -> Result<Dataplane> {
         raise_memlock();
         let mut loader = EbpfLoader::new();
+        let build_value = build.unwrap_or(1);
+        if build.is_some() {
+            loader.override_global("SHAPER_BUILD", &build_value, true);
+        }
         loader
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)

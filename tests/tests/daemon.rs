@@ -730,3 +730,61 @@ fn pinned_maps_of_another_layout_are_refused() {
     assert!(msg.contains("GROUPS"), "{msg}");
     assert!(!bed.srv.has_xdp(SERVER_DEV), "nothing attached");
 }
+
+#[test]
+fn upgrade_to_another_build_on_the_pinned_link_loses_nothing() {
+    let bed = bed();
+    let mut d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run (build A)");
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    let bulk = Bulk::start(&bed.cli, addr("198.18.250.1"), addr(SERVER_V4)).expect("bulk");
+    let a = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
+    std::thread::sleep(Duration::from_millis(500));
+    // The daemon stops (the program stays); build B, the same code with another build
+    // number, takes the pinned link over while the connection keeps sending.
+    assert!(d.stop().expect("stop").success());
+    let mut b = shaper::dataplane::Dataplane::load_build(
+        shaper::EBPF_OBJECT,
+        Default::default(),
+        Some(&d.pin_dir()),
+        Some(2),
+    )
+    .expect("load build B");
+    let prog = b.program().expect("program");
+    let att = bed
+        .srv
+        .run_in(|| {
+            shaper::attach::attach_pinned(
+                prog,
+                SERVER_DEV,
+                shaper::attach::Mode::Auto,
+                &d.pin_dir(),
+                false,
+            )
+        })
+        .expect("ns")
+        .expect("replace on the link");
+    assert!(att.adopted, "build B must take the existing link over");
+    assert_ne!(Some(u64::from(att.prog_id)), a);
+    assert_eq!(xdp_programs(&bed.srv), 1);
+    drop(b); // the link holds build B; the loader's handles go
+    std::thread::sleep(Duration::from_millis(500));
+    let ip = Command::new("ip")
+        .args(["-n", &bed.srv.name, "-d", "link", "show", "dev", SERVER_DEV])
+        .output()
+        .expect("ip");
+    let text = String::from_utf8_lossy(&ip.stdout).to_string();
+    assert!(
+        text.contains(&format!("id {} ", att.prog_id)),
+        "build B ({}) must be the attached program: {text}",
+        att.prog_id
+    );
+    let r = bulk.finish().expect("bulk");
+    let seen = server.bulk();
+    println!(
+        "upgrade A ({a:?}) → B ({}): {} bytes, {} retransmissions, longest read gap {:?}",
+        att.prog_id, r.bytes, r.retransmits, seen.max_gap
+    );
+    assert!(!seen.corrupt);
+    assert!(seen.max_gap < Duration::from_millis(500));
+    assert_eq!(r.retransmits, 0, "no packet of the connection was lost");
+}
