@@ -35,7 +35,21 @@ pub enum Command {
     /// The daemon: interfaces, attach mode, program ids, policy generation, map fill.
     Status(ClientArgs),
     /// Counters per rule and outcome, and per global reason.
-    Stats(ClientArgs),
+    Stats {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The groups nearest to (or over) their budget right now, congested ones first.
+    Top {
+        /// How many groups.
+        #[arg(short, default_value_t = 20)]
+        n: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Break-glass: remove the program and its pinned state from interfaces (all shaper
     /// interfaces if none is named). Needs no daemon.
     Detach {
@@ -251,9 +265,23 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             let reply = control::call(&c.socket, Request::Status)?;
             print_reply(&reply, c.output, crate::table::status)
         }
-        Command::Stats(c) => {
-            let reply = control::call(&c.socket, Request::Stats)?;
-            print_reply(&reply, c.output, crate::table::stats)
+        Command::Stats { client, watch } => loop {
+            let reply = control::call(&client.socket, Request::Stats)?;
+            if !watch {
+                return print_reply(&reply, client.output, crate::table::stats);
+            }
+            if client.output == Output::Table {
+                // Clear the screen and go home, like watch(1).
+                print!("\x1b[2J\x1b[H");
+            }
+            if print_reply(&reply, client.output, crate::table::stats)? != ExitCode::SUCCESS {
+                return Ok(ExitCode::FAILURE);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
+        Command::Top { n, client } => {
+            let reply = control::call(&client.socket, Request::Top { n })?;
+            print_reply(&reply, client.output, crate::table::top)
         }
         Command::Detach { ifaces, pin_root } => detach(&ifaces, &pin_root),
         Command::Completions { shell } => {

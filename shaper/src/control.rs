@@ -37,6 +37,10 @@ pub enum Request {
     },
     /// Re-read the daemon's config file.
     Reload,
+    /// The `n` groups closest to (or over) their budget.
+    Top {
+        n: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -46,6 +50,7 @@ pub enum Response {
     Stats(Stats),
     Policy(PolicyView),
     Applied { generation: u64, hash: String },
+    Top { groups: Vec<TopGroup> },
     Error { message: String },
 }
 
@@ -102,6 +107,22 @@ pub struct RuleStatsView {
     /// (`"+Inf"` last), not cumulative.
     pub wait_buckets: BTreeMap<String, u64>,
     pub wait_sum_s: f64,
+}
+
+/// One group in `shaper top` (addresses appear here, never in metrics labels).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TopGroup {
+    pub iface: String,
+    pub rule: String,
+    /// The group's prefix, e.g. `198.51.100.0/24`.
+    pub group: String,
+    /// Admissions of the burst in use now (0: full budget; `burst`: none left).
+    pub burst_used: f64,
+    pub burst: u64,
+    /// Refused an attempt in the last 3 s (`defer` groups wait in line then).
+    pub congested: bool,
+    /// Clients that joined the group's line recently (`defer`).
+    pub joined_line: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

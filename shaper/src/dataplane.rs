@@ -252,6 +252,21 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Every tracked group and its state.
+    pub fn groups(
+        &self,
+    ) -> Vec<(
+        shaper_common::maps::GroupKey,
+        shaper_common::maps::GroupState,
+    )> {
+        use shaper_common::maps::{GroupKey, GroupState, MAP_GROUPS};
+        self.ebpf
+            .map(MAP_GROUPS)
+            .and_then(|m| aya::maps::HashMap::<_, GroupKey, GroupState>::try_from(m).ok())
+            .map(|h| h.iter().filter_map(|kv| kv.ok()).collect())
+            .unwrap_or_default()
+    }
+
     /// The active policy generation (0 or 1).
     pub fn generation(&self) -> Result<u8> {
         let config: Array<&MapData, u32> = Array::try_from(

@@ -16,7 +16,7 @@ use shaper::{
     attach::{self, Attachment},
     control::{
         self, Envelope, IfaceStatus, MapFill, PolicyView, Request, Response, RuleStatsView, Stats,
-        Status,
+        Status, TopGroup,
     },
     dataplane::{Capacity, Dataplane},
     pins,
@@ -388,6 +388,9 @@ fn handle(state: &Arc<Mutex<State>>, req: Request) -> Response {
             }
             Err(message) => Response::Error { message },
         },
+        Request::Top { n } => Response::Top {
+            groups: top(&s, n as usize),
+        },
         Request::Reload => {
             drop(s);
             reload(state, "requested");
@@ -439,6 +442,59 @@ fn status(s: &State) -> Status {
             })
             .collect(),
     }
+}
+
+/// The groups nearest to (or over) their budget, congested ones first.
+fn top(s: &State, n: usize) -> Vec<TopGroup> {
+    // bpf_ktime_get_ns is CLOCK_MONOTONIC.
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let mut out = Vec::new();
+    for i in &s.ifaces {
+        for (key, st) in i.dp.groups() {
+            let Some(pos) = s.ids.iter().position(|id| *id == key.rule_id) else {
+                continue;
+            };
+            let Some(rule) = s.policy.rules.get(pos) else {
+                continue;
+            };
+            let budget =
+                shaper_common::Budget::new(rule.rate.count, rule.rate.period_ns, rule.burst);
+            let used = if budget.interval_ns == 0 {
+                rule.burst as f64
+            } else {
+                st.tat_ns.saturating_sub(now) as f64 / budget.interval_ns as f64
+            };
+            let addr: IpAddr = if rule.prefix.addr.is_ipv4() {
+                let [a, b, c, d, ..] = key.addr;
+                IpAddr::from([a, b, c, d])
+            } else {
+                IpAddr::from(key.addr)
+            };
+            out.push(TopGroup {
+                iface: i.att.iface.clone(),
+                rule: rule.name.clone(),
+                group: format!("{addr}/{}", rule.group),
+                burst_used: used.min(rule.burst as f64),
+                burst: rule.burst,
+                congested: now < st.line.congested_until_ns,
+                joined_line: st.line.q_cur.saturating_add(st.line.q_prev),
+            });
+        }
+    }
+    out.sort_by(|a, b| {
+        b.congested
+            .cmp(&a.congested)
+            .then(b.burst_used.total_cmp(&a.burst_used))
+            .then(b.joined_line.cmp(&a.joined_line))
+    });
+    out.truncate(n);
+    out
 }
 
 fn stats(s: &State) -> Stats {

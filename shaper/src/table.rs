@@ -133,3 +133,36 @@ pub fn stats(r: &Response) -> String {
     out.push_str(&render(&g));
     out
 }
+
+pub fn top(r: &Response) -> String {
+    let Response::Top { groups } = r else {
+        return String::new();
+    };
+    if groups.is_empty() {
+        return "no group has attempted a new connection recently".to_string();
+    }
+    let mut rows = vec![
+        [
+            "IFACE",
+            "RULE",
+            "GROUP",
+            "BURST USED",
+            "CONGESTED",
+            "JOINED LINE",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>(),
+    ];
+    for g in groups {
+        rows.push(vec![
+            g.iface.clone(),
+            g.rule.clone(),
+            g.group.clone(),
+            format!("{:.1}/{}", g.burst_used, g.burst),
+            if g.congested { "yes" } else { "no" }.to_string(),
+            g.joined_line.to_string(),
+        ]);
+    }
+    render(&rows)
+}

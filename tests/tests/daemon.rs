@@ -157,6 +157,15 @@ fn kill_9_ten_times_during_a_storm_keeps_enforcing_and_adopts() {
         .nth(2)
         .and_then(|id| id.parse().ok());
     assert_eq!(attached, last_prog, "{text}");
+    // `shaper top` lists the stormed group (addresses belong there, not in metrics).
+    let top = json(&d, &["top"]);
+    let groups = top["groups"].as_array().expect("groups").clone();
+    assert!(
+        groups
+            .iter()
+            .any(|g| g["group"] == "198.18.9.0/24" && g["rule"] == "pupils"),
+        "{top}"
+    );
     let b = bulk.finish().expect("bulk");
     let seen = server.bulk();
     println!(
