@@ -114,6 +114,15 @@ impl Dataplane {
         Ok(Dataplane { ebpf, capacity })
     }
 
+    /// Instructions the verifier processed to accept the program (its complexity: it
+    /// grows with every branch, and the kernel's limit is 1,000,000).
+    pub fn verified_instructions(&mut self) -> Option<u32> {
+        self.program()
+            .ok()
+            .and_then(|p| p.info().ok())
+            .and_then(|i| i.verified_instruction_count())
+    }
+
     /// The main XDP program.
     pub fn program(&mut self) -> Result<&mut Xdp> {
         program_mut(&mut self.ebpf, PROGRAM_NAME)

@@ -85,12 +85,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             ids = dp
                 .apply_policy(&policy)
                 .context("writing the policy into the maps")?;
+            let verified = dp.verified_instructions();
             let att = attach::attach_pinned(dp.program()?, iface, args.mode, &dir, args.replace)?;
             tracing::info!(
                 iface,
                 mode = att.mode.map_or("unknown".to_string(), |m| m.to_string()),
                 prog_id = att.prog_id,
                 link_id = att.link_id,
+                verified_insns = verified.unwrap_or(0),
                 pins = %dir.display(),
                 "{}",
                 if att.adopted {

@@ -111,6 +111,19 @@ fn main() -> Result<()> {
     if which != "prog" {
         bail!("unknown benchmark `{which}` (available: prog)");
     }
+    // The verifier's side: how much work the program is to check, and how long a load
+    // takes (a restarted daemon pays it before it adopts).
+    let t = std::time::Instant::now();
+    let mut dp = shaper::dataplane::Dataplane::load(Capacity::default())?;
+    let load = t.elapsed();
+    println!(
+        "verifier: {} instructions processed; load {:.0} ms (program and maps)",
+        dp.verified_instructions()
+            .map_or("?".to_string(), |n| n.to_string()),
+        load.as_secs_f64() * 1e3
+    );
+    drop(dp);
+    println!();
     let est4 = ether(&[], ETH_IPV4, &ipv4_tcp([198, 18, 1, 5], 443, ACK, &[]));
     let est6 = ether(
         &[],
