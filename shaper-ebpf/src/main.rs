@@ -31,7 +31,7 @@ pub fn shaper(ctx: XdpContext) -> u32 {
         Ok(attempt) => {
             // SAFETY: a read of the program's own read-only global (kept by the read).
             let _build = unsafe { core::ptr::read_volatile(&raw const SHAPER_BUILD) };
-            police::police(&attempt)
+            police::police(&ctx, &attempt)
         }
         Err(reason) => reason,
     };

@@ -3,7 +3,10 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext,
+};
+use aya_log_ebpf::debug;
 use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit, group_v4, group_v6,
     line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
@@ -43,7 +46,7 @@ impl TatCell for MapCell {
 
 /// Decide what happens to one attempt.
 #[inline(always)]
-pub fn police(attempt: &Attempt) -> Reason {
+pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
     let pgen = generation();
     let (rule, addr) = match attempt.source {
         Source::V4(a) => match RULES_V4.get(Key::new(GEN_BITS + 32, v4_gen_key(pgen, a))) {
@@ -64,7 +67,7 @@ pub fn police(attempt: &Attempt) -> Reason {
         return Reason::Admitted;
     }
     if rule.action == action::DEFER && rule.interval_ns != 0 {
-        return defer(attempt, rule, addr);
+        return defer(ctx, attempt, rule, addr);
     }
     let verdict = budget_verdict(rule, addr);
     match (verdict, rule.action) {
@@ -211,7 +214,7 @@ fn group_state(rule_id: u32, addr: [u8; 16]) -> Option<*mut GroupState> {
 /// `defer`: the group's waiting line decides (see `shaper_common::line`). A function
 /// of its own (a BPF-to-BPF call) so its stack does not add to the drop path's.
 #[inline(never)]
-fn defer(attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Reason {
+fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Reason {
     let Some(group) = group_state(rule.rule_id, addr) else {
         count_rule(rule.rule_id, Outcome::Dropped);
         return Reason::Contended;
@@ -245,9 +248,14 @@ fn defer(attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Reason {
             },
         }
     };
-    match knock(line, &rule.line_rule(), known, now, |reserve| {
+    let was_congested = now < line.congested_until_ns;
+    let decision = knock(line, &rule.line_rule(), known, now, |reserve| {
         take_budget(rule, group, now, reserve)
-    }) {
+    });
+    if !was_congested && now < line.congested_until_ns {
+        log_congested(ctx, rule.rule_id);
+    }
+    match decision {
         Decision::Admit => {
             if waiting {
                 let _ = WAITERS.remove(&key);
@@ -298,6 +306,15 @@ fn defer(attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Reason {
             Reason::QueueFull
         }
     }
+}
+
+/// A `defer` group just became congested (a debug record, off by default in the kernel).
+#[inline(never)]
+fn log_congested(ctx: &XdpContext, rule_id: u32) {
+    debug!(
+        ctx,
+        "defer: a group of rule {} is congested; new clients wait in line", rule_id
+    );
 }
 
 /// The waiting line's key of an attempt.

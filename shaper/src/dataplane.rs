@@ -87,6 +87,9 @@ impl Dataplane {
         if build.is_some() {
             loader.override_global("SHAPER_BUILD", &build_value, true);
         }
+        // The program's own log records below this level are skipped in the kernel.
+        let level = bpf_log_level();
+        loader.override_global(aya_log::LEVEL, &level, false);
         loader
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)
@@ -406,6 +409,21 @@ fn verifier_hint(e: &aya::programs::ProgramError) -> &'static str {
         }
         _ => "",
     }
+}
+
+/// `SHAPER_BPF_LOG` (error, warn, info, debug, trace; default info): the most verbose
+/// level of the XDP program's log records (`aya-log`), which the daemon forwards to its
+/// own log.
+fn bpf_log_level() -> u8 {
+    use aya_log::Level;
+    let level = match std::env::var("SHAPER_BPF_LOG").as_deref() {
+        Ok("error") => Level::Error,
+        Ok("warn") => Level::Warn,
+        Ok("debug") => Level::Debug,
+        Ok("trace") => Level::Trace,
+        _ => Level::Info,
+    };
+    level as u8
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it where we can.

@@ -162,11 +162,24 @@ pub struct Daemon {
     ns_name: String,
     dev: String,
     extra: Vec<String>,
+    /// Environment variables for the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
     /// Start `shaper run` on `dev` in `ns` with the policy text; wait until attached.
     pub fn start(ns: &Netns, dev: &str, policy: &str, extra: &[&str]) -> Result<Daemon> {
+        Self::start_env(ns, dev, policy, extra, &[])
+    }
+
+    /// [`Daemon::start`] with environment variables.
+    pub fn start_env(
+        ns: &Netns,
+        dev: &str,
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("{}-{dev}", ns.name));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("shaper.toml");
@@ -181,6 +194,10 @@ impl Daemon {
             ns_name: ns.name.clone(),
             dev: dev.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let _ = d.child.wait();
         d.spawn()?;
@@ -198,6 +215,7 @@ impl Daemon {
             .arg("--pin-root")
             .arg(&self.pin_root)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(

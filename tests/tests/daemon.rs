@@ -797,3 +797,37 @@ fn upgrade_to_another_build_on_the_pinned_link_loses_nothing() {
     assert!(seen.max_gap < Duration::from_millis(500));
     assert_eq!(r.retransmits, 0, "no packet of the connection was lost");
 }
+
+#[test]
+fn the_programs_log_records_reach_the_daemons_log() {
+    let bed = bed();
+    let policy = POLICY.replace("action = \"drop\"", "action = \"defer\"");
+    let want = "a group of rule 0 is congested";
+    // Off by default: debug records are skipped in the kernel.
+    let run = |env: &[(&str, &str)]| -> String {
+        let d = Daemon::start_env(&bed.srv, SERVER_DEV, &policy, &[], env).expect("shaper run");
+        let _server =
+            Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+        let src = addr("198.18.9.10");
+        let s = storm(
+            &bed.cli,
+            src,
+            Testbed::dst_for(src),
+            100,
+            Duration::from_secs(1),
+        )
+        .expect("storm");
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !d.log_text().contains(want) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = d.log_text();
+        drop(d);
+        log
+    };
+    let quiet = run(&[]);
+    assert!(!quiet.contains(want), "{quiet}");
+    let verbose = run(&[("SHAPER_BPF_LOG", "debug")]);
+    assert!(verbose.contains(want), "{verbose}");
+}
