@@ -437,7 +437,10 @@ fn harness() -> &'static Mutex<Harness> {
     static H: OnceLock<Mutex<Harness>> = OnceLock::new();
     H.get_or_init(|| match Harness::new(POLICY) {
         Ok(h) => Mutex::new(h),
-        Err(e) => panic!("cannot load the XDP program (BPF is required): {e:#}"),
+        Err(e) => {
+            eprintln!("cannot load the XDP program (BPF is required): {e:#}");
+            std::process::exit(1);
+        }
     })
 }
 
@@ -495,6 +498,9 @@ fn main() {
     args.test_threads = Some(1);
     let all = fixtures();
     assert!(all.len() >= 150, "only {} fixtures", all.len());
+    // Load once, up front: a program the kernel refuses fails the run once, loudly,
+    // instead of once per fixture.
+    let _ = harness();
     let trials = all
         .into_iter()
         .map(|fx| Trial::test(fx.name.clone(), move || check(&fx)))
