@@ -206,10 +206,12 @@ proptest! {
         times.extend((1..=end / step).map(|i| 1 + i * step));
         let got = run(&b, &times).len() as u64;
         // Attempts come every quarter interval, so each admission waits at most that long
-        // past its due time: over `secs` that loses at most a quarter of the rate.
+        // past its due time: over `secs` that loses at most a quarter of the rate. The
+        // attempts stop at `end`, where the last due admission (at `end` + 1 ns) is cut
+        // off: one more may be missing (rate 1, burst 1, 1 s admits 1 of 2).
         let want = rate * secs + burst;
         prop_assert!(got <= want, "got {} want {}", got, want);
-        prop_assert!(got * 4 + rate * secs >= want * 4, "got {} want {}", got, want);
+        prop_assert!(got * 4 + rate * secs + 4 >= want * 4, "got {} want {}", got, want);
     }
 
     /// Time going backwards (arbitrary jitter) never beats the bound measured on the
