@@ -180,4 +180,4 @@ pub fn admit<G: TatCell, C: TatCell>(
 
 #[cfg(test)]
 #[path = "budget/tests.rs"]
-mod tests;
+pub(crate) mod tests;

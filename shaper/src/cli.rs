@@ -199,12 +199,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                     force,
                 },
             )?;
-            print_reply(&reply, client.output, |r| match r {
-                Response::Applied { generation, hash } => {
-                    format!("applied: generation {generation}, policy hash {hash}")
-                }
-                _ => String::new(),
-            })
+            print_reply(&reply, client.output, applied)
         }
         Command::Policy(PolicyCommand::Set(a)) => {
             let mut rule = toml::Table::new();
@@ -360,12 +355,17 @@ fn edit_policy(
             force,
         },
     )?;
-    print_reply(&reply, client.output, |r| match r {
+    print_reply(&reply, client.output, applied)
+}
+
+/// Human output of an applied policy.
+fn applied(r: &Response) -> String {
+    match r {
         Response::Applied { generation, hash } => {
             format!("applied: generation {generation}, policy hash {hash}")
         }
         _ => String::new(),
-    })
+    }
 }
 
 /// Print a reply as JSON or through `human`; an error reply fails the command.

@@ -82,21 +82,7 @@ impl Netns {
     /// Spawn a command inside this namespace (by setns before exec, so the host's bpffs
     /// stays visible, unlike `ip netns exec`).
     pub fn spawn(&self, cmd: &mut Command) -> Result<Child> {
-        use std::os::unix::process::CommandExt as _;
-        let file = File::open(self.path()).context("opening the namespace")?;
-        let fd = file.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; `file` outlives the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().context("spawning in the namespace")?;
-        drop(file);
-        Ok(child)
+        spawn_in(&self.path(), cmd)
     }
 
     /// Does `dev` in this namespace have an XDP program attached?
@@ -109,6 +95,26 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
     }
+}
+
+/// Spawn a command inside the namespace at `path` (by setns before exec, so the host's
+/// bpffs stays visible, unlike `ip netns exec`).
+pub fn spawn_in(path: &std::path::Path, cmd: &mut Command) -> Result<Child> {
+    use std::os::unix::process::CommandExt as _;
+    let file = File::open(path).context("opening the namespace")?;
+    let fd = file.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; `file` outlives the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("spawning in the namespace")?;
+    drop(file);
+    Ok(child)
 }
 
 /// Move the calling thread into the namespace at `path`.
@@ -224,20 +230,7 @@ impl Daemon {
                     .append(true)
                     .open(&self.log)?,
             );
-        let file = File::open(&self.ns_path).context("opening the namespace")?;
-        let fd = file.as_raw_fd();
-        use std::os::unix::process::CommandExt as _;
-        // SAFETY: setns is async-signal-safe; `file` outlives the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        self.child = cmd.spawn().context("spawning shaper run")?;
-        drop(file);
+        self.child = spawn_in(&self.ns_path, &mut cmd).context("spawning shaper run")?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait()? {

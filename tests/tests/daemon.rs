@@ -61,15 +61,36 @@ fn admitted(d: &Daemon) -> u64 {
         .expect("admitted")
 }
 
-/// Number of XDP programs the kernel reports on the server's device.
-fn xdp_programs(ns: &Netns) -> usize {
+/// What `ip -d link` says of the server's device.
+fn ip_link(ns: &Netns) -> String {
     let out = Command::new("ip")
         .args(["-n", &ns.name, "-d", "link", "show", "dev", SERVER_DEV])
         .output()
         .expect("ip");
-    String::from_utf8_lossy(&out.stdout)
-        .matches("prog/xdp")
-        .count()
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Number of XDP programs the kernel reports on the server's device.
+fn xdp_programs(ns: &Netns) -> usize {
+    ip_link(ns).matches("prog/xdp").count()
+}
+
+/// The id of the XDP program the kernel runs on the server's device.
+fn attached_prog_id(ns: &Netns) -> Option<u64> {
+    ip_link(ns)
+        .split_whitespace()
+        .skip_while(|w| !w.starts_with("prog/xdp"))
+        .nth(2)
+        .and_then(|id| id.parse().ok())
+}
+
+/// A daemon, a server and a busy long-lived connection through it; and the program id.
+fn busy(bed: &Testbed) -> (Daemon, Server, Bulk, Option<u64>) {
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    let bulk = Bulk::start(&bed.cli, addr("198.18.250.1"), addr(SERVER_V4)).expect("bulk");
+    let prog = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
+    (d, server, bulk, prog)
 }
 
 fn bed() -> Testbed {
@@ -80,10 +101,7 @@ fn bed() -> Testbed {
 #[test]
 fn kill_9_ten_times_during_a_storm_keeps_enforcing_and_adopts() {
     let bed = bed();
-    let mut d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
-    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
-    let bulk = Bulk::start(&bed.cli, addr("198.18.250.1"), addr(SERVER_V4)).expect("bulk");
-    let first_prog = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
+    let (mut d, server, bulk, first_prog) = busy(&bed);
     let src: IpAddr = addr("198.18.9.10");
     let t0 = Instant::now();
     let storm_secs = 14;
@@ -146,17 +164,12 @@ fn kill_9_ten_times_during_a_storm_keeps_enforcing_and_adopts() {
     let last_prog = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
     assert_ne!(first_prog, last_prog, "each adoption replaces the program");
     // The kernel runs the new program on the interface.
-    let ip = Command::new("ip")
-        .args(["-n", &bed.srv.name, "-d", "link", "show", "dev", SERVER_DEV])
-        .output()
-        .expect("ip");
-    let text = String::from_utf8_lossy(&ip.stdout).to_string();
-    let attached: Option<u64> = text
-        .split_whitespace()
-        .skip_while(|w| !w.starts_with("prog/xdp"))
-        .nth(2)
-        .and_then(|id| id.parse().ok());
-    assert_eq!(attached, last_prog, "{text}");
+    assert_eq!(
+        attached_prog_id(&bed.srv),
+        last_prog,
+        "{}",
+        ip_link(&bed.srv)
+    );
     // `shaper top` lists the stormed group (addresses belong there, not in metrics).
     let top = json(&d, &["top"]);
     let groups = top["groups"].as_array().expect("groups").clone();
@@ -743,10 +756,7 @@ fn pinned_maps_of_another_layout_are_refused() {
 #[test]
 fn upgrade_to_another_build_on_the_pinned_link_loses_nothing() {
     let bed = bed();
-    let mut d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run (build A)");
-    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
-    let bulk = Bulk::start(&bed.cli, addr("198.18.250.1"), addr(SERVER_V4)).expect("bulk");
-    let a = json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64();
+    let (mut d, server, bulk, a) = busy(&bed);
     std::thread::sleep(Duration::from_millis(500));
     // The daemon stops (the program stays); build B, the same code with another build
     // number, takes the pinned link over while the connection keeps sending.
@@ -777,15 +787,11 @@ fn upgrade_to_another_build_on_the_pinned_link_loses_nothing() {
     assert_eq!(xdp_programs(&bed.srv), 1);
     drop(b); // the link holds build B; the loader's handles go
     std::thread::sleep(Duration::from_millis(500));
-    let ip = Command::new("ip")
-        .args(["-n", &bed.srv.name, "-d", "link", "show", "dev", SERVER_DEV])
-        .output()
-        .expect("ip");
-    let text = String::from_utf8_lossy(&ip.stdout).to_string();
-    assert!(
-        text.contains(&format!("id {} ", att.prog_id)),
-        "build B ({}) must be the attached program: {text}",
-        att.prog_id
+    assert_eq!(
+        attached_prog_id(&bed.srv),
+        Some(u64::from(att.prog_id)),
+        "build B must be the attached program: {}",
+        ip_link(&bed.srv)
     );
     let r = bulk.finish().expect("bulk");
     let seen = server.bulk();

@@ -4,8 +4,8 @@ use proptest::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::vec::Vec;
 
-/// A single-threaded cell.
-struct Plain(Cell<u64>);
+/// A single-threaded cell (the line's tests use it too).
+pub(crate) struct Plain(pub(crate) Cell<u64>);
 
 impl TatCell for Plain {
     fn load(&self) -> u64 {

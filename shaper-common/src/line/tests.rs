@@ -1,25 +1,8 @@
 use super::*;
-use crate::{Budget, TatCell, admit};
+use crate::{Budget, admit, budget::tests::Plain};
 use core::cell::Cell;
 use proptest::prelude::*;
 use std::{collections::HashMap, vec, vec::Vec};
-
-struct Plain(Cell<u64>);
-
-impl TatCell for Plain {
-    fn load(&self) -> u64 {
-        self.0.get()
-    }
-    fn compare_exchange(&self, current: u64, new: u64) -> Result<(), u64> {
-        let v = self.0.get();
-        if v == current {
-            self.0.set(new);
-            Ok(())
-        } else {
-            Err(v)
-        }
-    }
-}
 
 const S: u64 = NS_PER_SEC;
 
