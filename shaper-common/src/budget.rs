@@ -68,6 +68,28 @@ impl Budget {
         }
     }
 
+    /// Is an attempt surely over this budget, judged on a clock that reads up to
+    /// `lag_ns` behind real time (the kernel's coarse clock, which moves once per tick)?
+    ///
+    /// `true` only when even `coarse + lag_ns`, the latest real time the reading allows,
+    /// is before the earliest conforming time: then [`Budget::conform`] on the exact
+    /// clock refuses too, and the exact clock need not be read. A refusal changes no
+    /// state, so a concurrent admission (which only moves `tat` later) cannot make it
+    /// wrong. `false` means "unsure": ask the exact clock.
+    #[inline(always)]
+    pub fn surely_over(&self, tat: u64, coarse: u64, lag_ns: u64) -> bool {
+        if self.interval_ns == 0 {
+            return true;
+        }
+        match (
+            tat.checked_sub(self.tolerance_ns),
+            coarse.checked_add(lag_ns),
+        ) {
+            (Some(earliest), Some(latest)) => latest < earliest,
+            _ => false,
+        }
+    }
+
     /// Does an attempt at `now` conform, given the state `tat`? If so, the new state.
     ///
     /// Any overflow refuses: at the edges of u64 the budget errs towards admitting less.
@@ -176,6 +198,26 @@ pub fn admit<G: TatCell, C: TatCell>(
             Verdict::Contended
         }
     }
+}
+
+/// [`admit`] with two clocks: a cheap one that reads up to `lag_ns` behind real time
+/// (`coarse`), and the exact one, read only when the cheap one cannot decide. An
+/// attempt surely over its group's budget is refused on the cheap clock alone (a flood
+/// is mostly such attempts); anything else is decided on the exact clock. The verdicts
+/// and states are those of [`admit`] on the exact clock, always.
+#[inline(always)]
+pub fn admit_two_clocks<G: TatCell, C: TatCell>(
+    group: &G,
+    group_budget: &Budget,
+    ceiling: Option<(&C, &Budget)>,
+    coarse: u64,
+    lag_ns: u64,
+    exact: impl FnOnce() -> u64,
+) -> Verdict {
+    if group_budget.surely_over(group.load(), coarse, lag_ns) {
+        return Verdict::OverGroup;
+    }
+    admit(group, group_budget, ceiling, exact())
 }
 
 #[cfg(test)]

@@ -13,6 +13,6 @@ pub mod line;
 pub mod maps;
 pub mod reason;
 
-pub use budget::{Budget, Take, TatCell, Verdict, admit};
+pub use budget::{Budget, Take, TatCell, Verdict, admit, admit_two_clocks};
 pub use group::{group_v4, group_v6};
 pub use reason::{Outcome, Reason};

@@ -4,8 +4,13 @@
 //! Every read is bounds-checked against `data_end` right before it; offsets only grow by
 //! header lengths taken from bounded fields, and loops have constant bounds.
 
+use core::mem::size_of;
+
 use aya_ebpf::programs::XdpContext;
-use shaper_common::Reason;
+use shaper_common::{
+    Reason,
+    maps::{WaitKey, family},
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -33,15 +38,70 @@ pub enum Source {
     V6([u8; 16]),
 }
 
-/// A new-connection attempt: TCP SYN without ACK.
+/// A new-connection attempt: TCP SYN without ACK. Holds what every attempt needs;
+/// [`Attempt::client`] reads the rest from the frame for the `defer` path.
 pub struct Attempt {
     pub source: Source,
-    /// Destination address (IPv4 in the first four bytes).
-    pub dst: [u8; 16],
-    pub sport: u16,
     pub dport: u16,
-    /// The SYN's sequence number (the client's ISN): a retransmission repeats it.
-    pub isn: u32,
+    layout: Layout,
+}
+
+impl Attempt {
+    /// Fill `key` with the waiting line's key of this attempt and return its ISN (a
+    /// retransmission repeats it), read from the frame: only `defer` needs them. On
+    /// `Ok`, all 40 bytes of `key` are written.
+    #[inline(always)]
+    pub fn wait_key(&self, ctx: &XdpContext, key: *mut WaitKey) -> Result<u32, Reason> {
+        // The IP header follows at most two VLAN tags; the bound is for the verifier,
+        // which does not keep the offset's range across the call.
+        let ip = self.layout.ip;
+        if ip > ETH_HLEN + 4 * MAX_VLAN_TAGS {
+            return Err(Reason::Malformed);
+        }
+        let h = at(ctx, self.layout.tcp, 20)?;
+        let (v6, p) = if self.layout.v6 {
+            (true, at(ctx, ip, 40)?)
+        } else {
+            (false, at(ctx, ip, 20)?)
+        };
+        // SAFETY: `key` is valid for writes of a WaitKey (8-aligned, 40 bytes); `at`
+        // checked every frame range read. Five word stores clear it: the compiler
+        // would zero byte arrays with a call to a byte-at-a-time `memset`.
+        unsafe {
+            let words = key.cast::<u64>();
+            let mut i = 0;
+            while i < size_of::<WaitKey>() / 8 {
+                words.add(i).write_volatile(0);
+                i += 1;
+            }
+            let k = &mut *key;
+            k.sport = be16(h);
+            k.dport = self.dport;
+            if v6 {
+                k.family = family::V6;
+                copy_bytes::<16>(p + 8, &mut k.src);
+                copy_bytes::<16>(p + 24, &mut k.dst);
+            } else {
+                k.family = family::V4;
+                copy_bytes::<4>(p + 12, &mut k.src);
+                copy_bytes::<4>(p + 16, &mut k.dst);
+            }
+        }
+        Ok(u32::from_be_bytes(read::<[u8; 4]>(h + 4)))
+    }
+}
+
+/// Copy `N` (≤ 16) bytes at `src`, checked by [`at`], into the front of `dst`, one
+/// byte after the other: volatile reads keep the compiler from loading all sixteen
+/// first and spilling them (the stack is the program's scarcest resource).
+#[inline(always)]
+fn copy_bytes<const N: usize>(src: usize, dst: &mut [u8; 16]) {
+    let mut i = 0;
+    while i < N && i < 16 {
+        // SAFETY: callers pass `src` checked for N bytes.
+        dst[i] = unsafe { core::ptr::read_volatile((src + i) as *const u8) };
+        i += 1;
+    }
 }
 
 /// Address of `len` bytes at `off`, if they are all inside the frame.
@@ -66,9 +126,77 @@ fn be16(addr: usize) -> u16 {
     u16::from_be_bytes(read::<[u8; 2]>(addr))
 }
 
+/// Where the headers of a TCP segment are.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Offset of the IP header.
+    ip: usize,
+    /// Offset of the TCP header.
+    tcp: usize,
+    v6: bool,
+}
+
 /// Parse the frame; `Ok` only for a new-connection attempt.
 #[inline(always)]
 pub fn attempt(ctx: &XdpContext) -> Result<Attempt, Reason> {
+    let layout = match common(ctx)? {
+        COMMON_V4_TCP => Layout {
+            ip: ETH_HLEN,
+            tcp: COMMON_V4_TCP,
+            v6: false,
+        },
+        COMMON_V6_TCP => Layout {
+            ip: ETH_HLEN,
+            tcp: COMMON_V6_TCP,
+            v6: true,
+        },
+        _ => walk(ctx)?,
+    };
+    tcp(ctx, layout)
+}
+
+/// Where [`common`] finds TCP: after an untagged IPv4 header without options, or an
+/// untagged IPv6 header.
+const COMMON_V4_TCP: usize = ETH_HLEN + 20;
+const COMMON_V6_TCP: usize = ETH_HLEN + 40;
+
+/// The layouts nearly all traffic has: untagged IPv4 without options, or untagged IPv6
+/// with TCP right after the fixed header. Fixed offsets, the same answers as [`walk`]
+/// gives for these frames. `Ok(offset of TCP)`, or `Ok(0)` for any other frame.
+#[inline(always)]
+fn common(ctx: &XdpContext) -> Result<usize, Reason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + COMMON_V4_TCP + 20 > end {
+        return Ok(0);
+    }
+    // Byte compares: the target has no unaligned 16-bit loads.
+    let [t0, t1]: [u8; 2] = read(start + 12);
+    let ver: u8 = read(start + ETH_HLEN);
+    if t0 == 0x08 && t1 == 0x00 && ver == 0x45 {
+        let [f0, f1]: [u8; 2] = read(start + ETH_HLEN + 6);
+        if (f0 & 0x1f) | f1 != 0 {
+            return Err(Reason::Fragment);
+        }
+        if read::<u8>(start + ETH_HLEN + 9) != IPPROTO_TCP {
+            return Err(Reason::NotTcp);
+        }
+        return Ok(COMMON_V4_TCP);
+    }
+    if t0 == 0x86
+        && t1 == 0xdd
+        && ver >> 4 == 6
+        && start + COMMON_V6_TCP + 20 <= end
+        && read::<u8>(start + ETH_HLEN + 6) == IPPROTO_TCP
+    {
+        return Ok(COMMON_V6_TCP);
+    }
+    Ok(0)
+}
+
+/// The general walk: VLAN tags, IPv4 options, IPv6 extension headers.
+#[inline(always)]
+fn walk(ctx: &XdpContext) -> Result<Layout, Reason> {
     let mut ethertype = be16(at(ctx, 12, 2)?);
     let mut off = ETH_HLEN;
     let mut tags = 0;
@@ -81,17 +209,16 @@ pub fn attempt(ctx: &XdpContext) -> Result<Attempt, Reason> {
         off += 4;
         tags += 1;
     }
-    let (l4, source, dst) = match ethertype {
-        ETH_P_IPV4 => ipv4(ctx, off)?,
-        ETH_P_IPV6 => ipv6(ctx, off)?,
-        _ => return Err(Reason::NotIp),
-    };
-    tcp(ctx, l4, source, dst)
+    match ethertype {
+        ETH_P_IPV4 => ipv4(ctx, off),
+        ETH_P_IPV6 => ipv6(ctx, off),
+        _ => Err(Reason::NotIp),
+    }
 }
 
-/// IPv4: returns the TCP header's offset, the source and the destination.
+/// IPv4 at `off`: where its TCP header starts.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Result<(usize, Source, [u8; 16]), Reason> {
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<Layout, Reason> {
     let h = at(ctx, off, 20)?;
     let ver_ihl: u8 = read(h);
     if ver_ihl >> 4 != 4 {
@@ -109,29 +236,34 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<(usize, Source, [u8; 16]), Reaso
     if read::<u8>(h + 9) != IPPROTO_TCP {
         return Err(Reason::NotTcp);
     }
-    let src: [u8; 4] = read(h + 12);
-    let [d0, d1, d2, d3]: [u8; 4] = read(h + 16);
-    let dst = [d0, d1, d2, d3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     // The options (if any) must be in the frame too; `tcp` checks past them.
     at(ctx, off, ihl * 4)?;
-    Ok((off + ihl * 4, Source::V4(src), dst))
+    Ok(Layout {
+        ip: off,
+        tcp: off + ihl * 4,
+        v6: false,
+    })
 }
 
-/// IPv6: walks extension headers to a fixed bound; returns the TCP header's offset.
+/// IPv6 at `off`: walks extension headers to a fixed bound to the TCP header.
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize) -> Result<(usize, Source, [u8; 16]), Reason> {
-    let h = at(ctx, off, 40)?;
+fn ipv6(ctx: &XdpContext, ip: usize) -> Result<Layout, Reason> {
+    let h = at(ctx, ip, 40)?;
     if read::<u8>(h) >> 4 != 6 {
         return Err(Reason::Malformed);
     }
     let mut next: u8 = read(h + 6);
-    let src: [u8; 16] = read(h + 8);
-    let dst: [u8; 16] = read(h + 24);
-    let mut off = off + 40;
+    let mut off = ip + 40;
     let mut walked = 0;
     while walked < MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return Ok((off, Source::V6(src), dst)),
+            IPPROTO_TCP => {
+                return Ok(Layout {
+                    ip,
+                    tcp: off,
+                    v6: true,
+                });
+            }
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let e = at(ctx, off, 2)?;
                 next = read(e);
@@ -157,7 +289,11 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<(usize, Source, [u8; 16]), Reaso
         walked += 1;
     }
     match next {
-        IPPROTO_TCP => Ok((off, Source::V6(src), dst)),
+        IPPROTO_TCP => Ok(Layout {
+            ip,
+            tcp: off,
+            v6: true,
+        }),
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => {
             Err(Reason::ExtHdrLimit)
         }
@@ -165,10 +301,11 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<(usize, Source, [u8; 16]), Reaso
     }
 }
 
-/// TCP: an attempt is SYN without ACK, whatever the other flags.
+/// TCP: an attempt is SYN without ACK, whatever the other flags. The addresses are
+/// read only for attempts; the rest of the traffic never needs them.
 #[inline(always)]
-fn tcp(ctx: &XdpContext, off: usize, source: Source, dst: [u8; 16]) -> Result<Attempt, Reason> {
-    let h = at(ctx, off, 20)?;
+fn tcp(ctx: &XdpContext, layout: Layout) -> Result<Attempt, Reason> {
+    let h = at(ctx, layout.tcp, 20)?;
     if read::<u8>(h + 12) >> 4 < 5 {
         return Err(Reason::Malformed);
     }
@@ -176,11 +313,14 @@ fn tcp(ctx: &XdpContext, off: usize, source: Source, dst: [u8; 16]) -> Result<At
     if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
         return Err(Reason::NotAttempt);
     }
+    let source = if layout.v6 {
+        Source::V6(read(at(ctx, layout.ip, 40)? + 8))
+    } else {
+        Source::V4(read(at(ctx, layout.ip, 20)? + 12))
+    };
     Ok(Attempt {
         source,
-        dst,
-        sport: be16(h),
         dport: be16(h + 2),
-        isn: u32::from_be_bytes(read::<[u8; 4]>(h + 4)),
+        layout,
     })
 }

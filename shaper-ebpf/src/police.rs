@@ -1,18 +1,24 @@
 //! The policer: look up the most specific rule, honour protection, then take from the
 //! group's (and the rule's ceiling) budget with the shared admission logic.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    mem::MaybeUninit,
+};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
+    maps::lpm_trie::Key,
+    programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use shaper_common::{
-    Budget, Outcome, Reason, TatCell, Verdict, admit, group_v4, group_v6,
+    Budget, Outcome, Reason, TatCell, Verdict, admit_two_clocks, group_v4, group_v6,
     line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
     maps::{
         GEN_BITS, GroupKey, GroupState, PROBE_SLOTS, ProbeSlot, RuleEntry, WaitKey, Waiter, action,
-        family, rule_flags,
+        rule_flags,
     },
 };
 
@@ -21,6 +27,12 @@ use crate::{
     parse::{Attempt, Source},
     stats::{count_rule, count_wait},
 };
+
+/// How far the kernel's coarse clock may read behind the exact one, in ns. The loader
+/// sets it to two ticks of the running kernel (`clock_getres(CLOCK_MONOTONIC_COARSE)`);
+/// the default is two ticks at the slowest tick rate (HZ=100).
+#[unsafe(no_mangle)]
+static SHAPER_COARSE_LAG_NS: u64 = 20_000_000;
 
 /// A budget word in a map value, shared by all CPUs.
 struct MapCell(*mut u64);
@@ -67,7 +79,11 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
         return Reason::Admitted;
     }
     if rule.action == action::DEFER && rule.interval_ns != 0 {
-        return defer(ctx, attempt, rule, addr);
+        let d = defer(ctx, attempt, rule, addr);
+        if d.became_congested {
+            log_congested(ctx, rule.rule_id);
+        }
+        return d.reason;
     }
     let verdict = budget_verdict(rule, addr);
     match (verdict, rule.action) {
@@ -129,7 +145,9 @@ fn v6_gen_key(pgen: u8, a: [u8; 16]) -> [u8; 17] {
     k
 }
 
-/// Take from the group's budget and the rule's ceiling.
+/// Take from the group's budget and the rule's ceiling. An attempt surely over the
+/// group's budget is refused on the coarse clock (a few ns) without reading the exact
+/// one (tens of ns): the same verdicts, cheaper under a flood.
 #[inline(always)]
 fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
     if rule.interval_ns == 0 {
@@ -139,22 +157,39 @@ fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
     let Some(group) = group_state(rule.rule_id, addr) else {
         return Verdict::Contended;
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    admit_budget(rule, group, now, 0)
+    // SAFETY: helpers without arguments; a read of the program's read-only global.
+    let (coarse, lag) = unsafe {
+        (
+            bpf_ktime_get_coarse_ns(),
+            core::ptr::read_volatile(&raw const SHAPER_COARSE_LAG_NS),
+        )
+    };
+    admit_budget(rule, group, 0, coarse, lag, || {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    })
 }
 
-/// Admit against the group's budget word and, if the rule has one, its ceiling. A
-/// function of its own: `defer` calls it from several places, and the verifier then
-/// checks one body instead of one copy per place.
+/// Admit against the group's budget word and, if the rule has one, its ceiling, on
+/// the exact clock. A function of its own: `defer` calls it from several places, and
+/// the verifier then checks one body instead of one copy per place.
 #[inline(never)]
 fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64) -> Verdict {
-    admit_budget(rule, group, now, reserve)
+    // No coarse reading can be sure (its lag covers all time): the exact clock decides.
+    admit_budget(rule, group, reserve, 0, u64::MAX, || now)
 }
 
-/// [`take_budget`], inlined into the `drop` path.
+/// [`take_budget`] with two clocks (see `shaper_common::admit_two_clocks`), inlined
+/// into the `drop` path.
 #[inline(always)]
-fn admit_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64) -> Verdict {
+fn admit_budget(
+    rule: &RuleEntry,
+    group: *mut GroupState,
+    reserve: u64,
+    coarse: u64,
+    lag: u64,
+    exact: impl FnOnce() -> u64,
+) -> Verdict {
     let group_budget = Budget {
         interval_ns: rule.interval_ns,
         tolerance_ns: rule.tolerance_ns,
@@ -163,7 +198,7 @@ fn admit_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64
     // SAFETY: `group` points into a live GROUPS value (checked lookup).
     let group = MapCell(unsafe { &raw mut (*group).tat_ns });
     if rule.ceiling_interval_ns == 0 {
-        return admit::<_, MapCell>(&group, &group_budget, None, now);
+        return admit_two_clocks::<_, MapCell>(&group, &group_budget, None, coarse, lag, exact);
     }
     let ceiling_budget = Budget {
         interval_ns: rule.ceiling_interval_ns,
@@ -172,11 +207,13 @@ fn admit_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64
     match RULE_BUDGETS.get_ptr_mut(rule.rule_id) {
         Some(p) => {
             let ceiling = MapCell(p.cast());
-            admit(
+            admit_two_clocks(
                 &group,
                 &group_budget,
                 Some((&ceiling, &ceiling_budget)),
-                now,
+                coarse,
+                lag,
+                exact,
             )
         }
         // A rule id past the array: refuse rather than admit without the ceiling.
@@ -211,21 +248,36 @@ fn group_state(rule_id: u32, addr: [u8; 16]) -> Option<*mut GroupState> {
     GROUPS.get_ptr_mut(&key)
 }
 
+/// What [`defer`] decided, and whether the group just became congested: the caller
+/// writes that log record, so the logger's frame never stacks on `defer`'s.
+struct Deferral {
+    reason: Reason,
+    became_congested: bool,
+}
+
 /// `defer`: the group's waiting line decides (see `shaper_common::line`). A function
 /// of its own (a BPF-to-BPF call) so its stack does not add to the drop path's.
 #[inline(never)]
-fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Reason {
-    let Some(group) = group_state(rule.rule_id, addr) else {
+fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Deferral {
+    let mut key = MaybeUninit::<WaitKey>::uninit();
+    let (Some(group), Ok(isn)) = (
+        group_state(rule.rule_id, addr),
+        attempt.wait_key(ctx, key.as_mut_ptr()),
+    ) else {
         count_rule(rule.rule_id, Outcome::Dropped);
-        return Reason::Contended;
+        return Deferral {
+            reason: Reason::Contended,
+            became_congested: false,
+        };
     };
+    // SAFETY: `wait_key` returned `Ok`: it wrote the whole key.
+    let key: &WaitKey = unsafe { key.assume_init_ref() };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: points into the live GROUPS value; CPUs may race on these fields, which
     // only shifts the order (the budget word is updated by compare-and-swap).
     let line: &mut LineState = unsafe { &mut *(&raw mut (*group).line) };
-    let key = wait_key(attempt);
-    let hash = probe_hash(&key.probe_words(attempt.isn));
+    let hash = probe_hash(&key.probe_words(isn));
     let slot = (hash as u32) & (PROBE_SLOTS - 1);
     let tag = probe_tag(hash);
     let mut waiting = false;
@@ -233,8 +285,8 @@ fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) 
         Known::Unknown
     } else {
         // SAFETY: the value is copied out right away.
-        match unsafe { WAITERS.get(&key) }.copied() {
-            Some(w) if w.isn == attempt.isn => {
+        match unsafe { WAITERS.get(key) }.copied() {
+            Some(w) if w.isn == isn => {
                 waiting = true;
                 Known::Waiting {
                     first_seen_ns: w.first_seen_ns,
@@ -252,20 +304,18 @@ fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) 
     let decision = knock(line, &rule.line_rule(), known, now, |reserve| {
         take_budget(rule, group, now, reserve)
     });
-    if !was_congested && now < line.congested_until_ns {
-        log_congested(ctx, rule.rule_id);
-    }
-    match decision {
+    let became_congested = !was_congested && now < line.congested_until_ns;
+    let reason = match decision {
         Decision::Admit => {
             if waiting {
-                let _ = WAITERS.remove(&key);
+                let _ = WAITERS.remove(key);
             }
             count_rule(rule.rule_id, Outcome::Admitted);
             Reason::Admitted
         }
         Decision::AdmitAfterWait { wait_ns } => {
             if waiting {
-                let _ = WAITERS.remove(&key);
+                let _ = WAITERS.remove(key);
             }
             count_rule(rule.rule_id, Outcome::AdmittedAfterWait);
             count_wait(rule.rule_id, wait_ns);
@@ -276,7 +326,7 @@ fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) 
                 Remember::Nothing => {}
                 Remember::Probe => {
                     if waiting {
-                        let _ = WAITERS.remove(&key);
+                        let _ = WAITERS.remove(key);
                     }
                     if let Some(p) = PROBES.get_ptr_mut(slot) {
                         let probe = ProbeSlot {
@@ -291,11 +341,11 @@ fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) 
                 }
                 Remember::Waiter { first_seen_ns } => {
                     let w = Waiter {
-                        isn: attempt.isn,
+                        isn,
                         rule_id: rule.rule_id,
                         first_seen_ns,
                     };
-                    let _ = WAITERS.insert(&key, &w, 0);
+                    let _ = WAITERS.insert(key, &w, 0);
                 }
             }
             count_rule(rule.rule_id, Outcome::Deferred);
@@ -305,6 +355,10 @@ fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) 
             count_rule(rule.rule_id, Outcome::QueueFull);
             Reason::QueueFull
         }
+    };
+    Deferral {
+        reason,
+        became_congested,
     }
 }
 
@@ -315,21 +369,4 @@ fn log_congested(ctx: &XdpContext, rule_id: u32) {
         ctx,
         "defer: a group of rule {} is congested; new clients wait in line", rule_id
     );
-}
-
-/// The waiting line's key of an attempt.
-#[inline(always)]
-fn wait_key(attempt: &Attempt) -> WaitKey {
-    let (src, fam) = match attempt.source {
-        Source::V4(a) => (v4_key(a), family::V4),
-        Source::V6(a) => (a, family::V6),
-    };
-    WaitKey {
-        src,
-        dst: attempt.dst,
-        sport: attempt.sport,
-        dport: attempt.dport,
-        family: fam,
-        _pad: [0; 3],
-    }
 }

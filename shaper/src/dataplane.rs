@@ -90,6 +90,8 @@ impl Dataplane {
         // The program's own log records below this level are skipped in the kernel.
         let level = bpf_log_level();
         loader.override_global(aya_log::LEVEL, &level, false);
+        let lag = coarse_clock_lag_ns();
+        loader.override_global("SHAPER_COARSE_LAG_NS", &lag, true);
         loader
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)
@@ -483,4 +485,25 @@ fn rule_hash(r: &crate::policy::Rule) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h | 1
+}
+
+/// How far the kernel's coarse clock may read behind the exact one: two of its ticks
+/// (one it is always up to behind, one for a late tick). The program refuses attempts
+/// surely over budget on the coarse clock only when they are that far from conforming.
+pub fn coarse_clock_lag_ns() -> u64 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes the timespec we pass.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
+    let tick = u64::try_from(res.tv_sec)
+        .ok()
+        .zip(u64::try_from(res.tv_nsec).ok())
+        .map(|(s, ns)| s.saturating_mul(1_000_000_000).saturating_add(ns));
+    match tick {
+        // HZ=100 is the slowest tick Linux has: 10 ms.
+        Some(t) if ok && t > 0 => t.saturating_mul(2),
+        _ => 20_000_000,
+    }
 }

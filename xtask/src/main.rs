@@ -28,6 +28,8 @@ enum Task {
     Bench {
         #[arg(default_value = "prog")]
         which: String,
+        /// Only the cases whose name contains this (e.g. "SYN dropped").
+        cases: Option<String>,
     },
     /// An 8 a.m. storm in a network-namespace testbed, with live counters (root).
     Demo,
@@ -42,9 +44,9 @@ fn main() -> Result<()> {
             setup::setup()?;
             test()
         }
-        Task::Bench { which } => {
+        Task::Bench { which, cases } => {
             setup::setup()?;
-            cargo(&[
+            let mut args = vec![
                 "run",
                 "--release",
                 "-p",
@@ -53,7 +55,9 @@ fn main() -> Result<()> {
                 "shaper-bench",
                 "--",
                 &which,
-            ])
+            ];
+            args.extend(cases.as_deref());
+            cargo(&args)
         }
         Task::Demo => {
             setup::setup()?;

@@ -238,6 +238,47 @@ proptest! {
         prop_assert!(ahead < burst);
     }
 
+    /// The coarse clock only ever refuses what the exact clock refuses: with readings
+    /// anywhere from 0 to the lag behind real time, every verdict and every state is the
+    /// exact clock's.
+    #[test]
+    fn two_clocks_decide_as_the_exact_clock(
+        rate in 1u64..3_000,
+        burst in 1u64..50,
+        ceiling in proptest::option::of((1u64..3_000, 1u64..50)),
+        lag in 0u64..30_000_000,
+        attempts in proptest::collection::vec((0u64..40_000_000, 0u64..=1_000), 1..2_000),
+    ) {
+        let gb = Budget::per_second(rate, burst);
+        let cb = ceiling.map(|(r, b)| Budget::per_second(r, b));
+        let (exact_group, exact_ceiling) = (plain(0), plain(0));
+        let (two_group, two_ceiling) = (plain(0), plain(0));
+        let mut t = 5_000_000_000u64;
+        for (gap, lag_permille) in attempts {
+            t += gap;
+            // A reading between `lag` behind and exactly now.
+            let coarse = t - lag * lag_permille / 1_000;
+            let want = admit(&exact_group, &gb, cb.as_ref().map(|b| (&exact_ceiling, b)), t);
+            let mut exact_read = false;
+            let got = admit_two_clocks(
+                &two_group,
+                &gb,
+                cb.as_ref().map(|b| (&two_ceiling, b)),
+                coarse,
+                lag,
+                || {
+                    exact_read = true;
+                    t
+                },
+            );
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(two_group.load(), exact_group.load());
+            prop_assert_eq!(two_ceiling.load(), exact_ceiling.load());
+            // The exact clock is skipped only for refusals.
+            prop_assert!(exact_read || got == Verdict::OverGroup);
+        }
+    }
+
     /// A rule's ceiling holds over all its groups, whatever each group's budget.
     #[test]
     fn ceiling_holds_over_groups(
@@ -286,4 +327,47 @@ fn reserving_holds_back_part_of_the_burst_only() {
         .filter(|_| matches!(take(&cell, &r, now), Take::Taken { .. }))
         .count();
     assert_eq!(taken, 3);
+}
+
+#[test]
+fn surely_over_needs_the_whole_lag() {
+    // 1/s, burst 1: after an admission at 10 s the next conforms at 11 s.
+    let b = Budget::per_second(1, 1);
+    let tat = 11_000_000_000;
+    let lag = 8_000_000;
+    assert!(b.surely_over(tat, 10_500_000_000, lag));
+    // A reading within the lag of the conforming time is unsure: real time may be past it.
+    assert!(!b.surely_over(tat, 11_000_000_000 - lag, lag));
+    assert!(b.surely_over(tat, 11_000_000_000 - lag - 1, lag));
+    assert!(!b.surely_over(tat, 11_000_000_000, lag));
+    // Edges: no underflow or overflow makes it sure.
+    assert!(!b.surely_over(0, u64::MAX, lag));
+    assert!(!b.surely_over(u64::MAX, u64::MAX - 1, lag));
+    // Rate 0 admits nothing, on any clock.
+    assert!(Budget::NONE.surely_over(0, 0, lag));
+}
+
+#[test]
+fn a_flood_is_refused_on_the_coarse_clock() {
+    // 20/s, burst 5, one attempt per ms for 3 s, the coarse clock 4 ms behind, lag 8 ms.
+    let b = Budget::per_second(20, 5);
+    let cell = plain(0);
+    let (mut admitted, mut exact_reads) = (0, 0);
+    for ms in 1..=3_000u64 {
+        let t = 10_000_000_000 + ms * 1_000_000;
+        let v = admit_two_clocks::<_, Plain>(&cell, &b, None, t - 4_000_000, 8_000_000, || {
+            exact_reads += 1;
+            t
+        });
+        if v == Verdict::Admit {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5 + 3 * 20 - 1);
+    // Each admission needs the exact clock, and so do the attempts of the last 8 ms
+    // before each conforming time: about 8 of every 50.
+    assert!(
+        exact_reads < 3_000 / 5,
+        "exact clock read {exact_reads} times"
+    );
 }
