@@ -8,6 +8,8 @@
 extern crate std;
 
 pub mod budget;
+#[cfg(any(test, feature = "user"))]
+pub mod fairness;
 pub mod group;
 pub mod line;
 pub mod maps;

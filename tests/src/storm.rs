@@ -282,26 +282,7 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-fn ranks(v: &[f64]) -> Vec<f64> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let mut r = vec![0.0; v.len()];
-    for (k, &i) in idx.iter().enumerate() {
-        r[i] = k as f64;
-    }
-    r
-}
-
-/// Spearman rank correlation (0 for fewer than three points).
-pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
-    if x.len() < 3 || x.len() != y.len() {
-        return 0.0;
-    }
-    let n = x.len() as f64;
-    let (rx, ry) = (ranks(x), ranks(y));
-    let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b) * (a - b)).sum();
-    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
-}
+pub use shaper_common::fairness::spearman;
 
 /// Counts per whole second.
 pub fn per_second(times: &[f64]) -> Vec<usize> {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::{Budget, admit, budget::tests::Plain};
+use crate::{Budget, admit, budget::tests::Plain, fairness::spearman};
 use core::cell::Cell;
 use proptest::prelude::*;
 use std::{collections::HashMap, vec, vec::Vec};
@@ -197,26 +197,6 @@ fn replay(
         spoofs_admitted,
         admissions,
     }
-}
-
-fn ranks(v: &[f64]) -> Vec<f64> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let mut r = vec![0.0; v.len()];
-    for (k, &i) in idx.iter().enumerate() {
-        r[i] = k as f64;
-    }
-    r
-}
-
-fn spearman(x: &[f64], y: &[f64]) -> f64 {
-    let n = x.len() as f64;
-    if x.len() < 3 {
-        return 0.0;
-    }
-    let (rx, ry) = (ranks(x), ranks(y));
-    let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b) * (a - b)).sum();
-    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
 }
 
 /// Most admissions in any window of `w` ns.
