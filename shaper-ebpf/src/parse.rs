@@ -39,7 +39,7 @@ pub enum Source {
 }
 
 /// A new-connection attempt: TCP SYN without ACK. Holds what every attempt needs;
-/// [`Attempt::client`] reads the rest from the frame for the `defer` path.
+/// [`Attempt::wait_key`] reads the rest from the frame for the `defer` path.
 pub struct Attempt {
     pub source: Source,
     pub dport: u16,
