@@ -68,13 +68,41 @@ pub mod rule_flags {
 }
 
 /// The data of an IPv4 LPM key (`aya` adds the prefix length in front): the policy
-/// generation, then the address. Entries of both generations live in one trie; a key's
-/// prefix length counts the generation byte ([`GEN_BITS`]) too.
-pub type PrefixV4 = [u8; 5];
-/// The data of an IPv6 LPM key: generation, address.
-pub type PrefixV6 = [u8; 17];
+/// generation as a big-endian 32-bit word, then the address. Entries of both
+/// generations live in one trie; a key's prefix length counts the generation word
+/// ([`GEN_BITS`]) too. A whole word keeps the address 4-aligned, so the trie compares
+/// it in one step and the program writes it with one store.
+pub type PrefixV4 = [u8; 8];
+/// The data of an IPv6 LPM key: generation word, address.
+pub type PrefixV6 = [u8; 20];
 /// Bits of the generation in front of an LPM key's address.
-pub const GEN_BITS: u32 = 8;
+pub const GEN_BITS: u32 = 32;
+
+/// The LPM key data of `addr` in policy generation `g`.
+pub fn gen_key<const N: usize, const M: usize>(g: u8, addr: &[u8; N]) -> [u8; M] {
+    let mut k = [0u8; M];
+    let w = u32::from(g).to_be_bytes();
+    let mut i = 0;
+    while i < M {
+        k[i] = if i < 4 {
+            w[i]
+        } else if i - 4 < N {
+            addr[i - 4]
+        } else {
+            0
+        };
+        i += 1;
+    }
+    k
+}
+
+/// The policy generation of an LPM key's data.
+pub fn key_generation(data: &[u8]) -> Option<u8> {
+    match data {
+        [0, 0, 0, g, ..] => Some(*g),
+        _ => None,
+    }
+}
 
 /// Array of one `u32`: the active policy generation (0 or 1). The daemon writes a new
 /// policy under the other generation, then flips this word: a packet reads it once, so
@@ -278,4 +306,24 @@ mod pod {
     unsafe impl aya::Pod for super::WaitKey {}
     unsafe impl aya::Pod for super::Waiter {}
     unsafe impl aya::Pod for super::ProbeSlot {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lpm_keys_carry_the_generation_word_then_the_address() {
+        let k: PrefixV4 = gen_key(1, &[198, 18, 1, 5]);
+        assert_eq!(k, [0, 0, 0, 1, 198, 18, 1, 5]);
+        assert_eq!(key_generation(&k), Some(1));
+        let a6 = [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let k6: PrefixV6 = gen_key(0, &a6);
+        assert_eq!(k6[..4], [0, 0, 0, 0]);
+        assert_eq!(k6[4..], a6);
+        assert_eq!(key_generation(&k6), Some(0));
+        // Not a key this build writes: no generation.
+        assert_eq!(key_generation(&[1, 0, 0, 0, 9]), None);
+        assert_eq!(key_generation(&[0, 0]), None);
+    }
 }

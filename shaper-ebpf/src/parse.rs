@@ -34,9 +34,15 @@ const TCP_ACK: u8 = 0x10;
 
 /// The source of an attempt.
 pub enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
+    V4(Addr<4>),
+    V6(Addr<16>),
 }
+
+/// An address as it is on the wire. Aligned: the build allows misaligned loads and
+/// stores, and the verifier refuses them on the stack, where addresses are copied.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub struct Addr<const N: usize>(pub [u8; N]);
 
 /// A new-connection attempt: TCP SYN without ACK. Holds what every attempt needs;
 /// [`Attempt::wait_key`] reads the rest from the frame for the `defer` path.
@@ -162,7 +168,9 @@ const COMMON_V6_TCP: usize = ETH_HLEN + 40;
 
 /// The layouts nearly all traffic has: untagged IPv4 without options, or untagged IPv6
 /// with TCP right after the fixed header. Fixed offsets, the same answers as [`walk`]
-/// gives for these frames. `Ok(offset of TCP)`, or `Ok(0)` for any other frame.
+/// and [`tcp`] give for these frames; a segment that is no attempt (established
+/// traffic) is answered here. `Ok(offset of TCP)` for an attempt, or `Ok(0)` for any
+/// other frame.
 #[inline(always)]
 fn common(ctx: &XdpContext) -> Result<usize, Reason> {
     let start = ctx.data();
@@ -170,28 +178,41 @@ fn common(ctx: &XdpContext) -> Result<usize, Reason> {
     if start + COMMON_V4_TCP + 20 > end {
         return Ok(0);
     }
-    // Byte compares: the target has no unaligned 16-bit loads.
-    let [t0, t1]: [u8; 2] = read(start + 12);
-    let ver: u8 = read(start + ETH_HLEN);
-    if t0 == 0x08 && t1 == 0x00 && ver == 0x45 {
-        let [f0, f1]: [u8; 2] = read(start + ETH_HLEN + 6);
-        if (f0 & 0x1f) | f1 != 0 {
-            return Err(Reason::Fragment);
+    // Ethertype, version and IHL, TOS: one load (the build allows misaligned loads).
+    let head = u32::from_le_bytes(read(start + 12));
+    if head & 0x00ff_ffff == 0x0045_0008 {
+        // Flags and fragment offset, TTL, protocol.
+        let w = u32::from_le_bytes(read(start + ETH_HLEN + 6));
+        if w & 0xff00_ff1f != 0x0600_0000 {
+            return Err(if w & 0xff1f != 0 {
+                Reason::Fragment
+            } else {
+                Reason::NotTcp
+            });
         }
-        if read::<u8>(start + ETH_HLEN + 9) != IPPROTO_TCP {
-            return Err(Reason::NotTcp);
-        }
-        return Ok(COMMON_V4_TCP);
+        return segment(start + COMMON_V4_TCP, COMMON_V4_TCP);
     }
-    if t0 == 0x86
-        && t1 == 0xdd
-        && ver >> 4 == 6
+    if head & 0x00f0_ffff == 0x0060_dd86
         && start + COMMON_V6_TCP + 20 <= end
         && read::<u8>(start + ETH_HLEN + 6) == IPPROTO_TCP
     {
-        return Ok(COMMON_V6_TCP);
+        return segment(start + COMMON_V6_TCP, COMMON_V6_TCP);
     }
     Ok(0)
+}
+
+/// [`tcp`]'s checks on a TCP header at `h` (checked by the caller), `off` into the
+/// frame: `Ok(off)` for an attempt.
+#[inline(always)]
+fn segment(h: usize, off: usize) -> Result<usize, Reason> {
+    let [doff, flags]: [u8; 2] = read(h + 12);
+    if doff >> 4 < 5 {
+        return Err(Reason::Malformed);
+    }
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        return Err(Reason::NotAttempt);
+    }
+    Ok(off)
 }
 
 /// The general walk: VLAN tags, IPv4 options, IPv6 extension headers.
@@ -314,9 +335,9 @@ fn tcp(ctx: &XdpContext, layout: Layout) -> Result<Attempt, Reason> {
         return Err(Reason::NotAttempt);
     }
     let source = if layout.v6 {
-        Source::V6(read(at(ctx, layout.ip, 40)? + 8))
+        Source::V6(Addr(read(at(ctx, layout.ip, 40)? + 8)))
     } else {
-        Source::V4(read(at(ctx, layout.ip, 20)? + 12))
+        Source::V4(Addr(read(at(ctx, layout.ip, 20)? + 12)))
     };
     Ok(Attempt {
         source,

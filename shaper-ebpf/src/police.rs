@@ -17,14 +17,14 @@ use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit_two_clocks, group_v4, group_v6,
     line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
     maps::{
-        GEN_BITS, GroupKey, GroupState, PROBE_SLOTS, ProbeSlot, RuleEntry, WaitKey, Waiter, action,
-        rule_flags,
+        GEN_BITS, GroupKey, GroupState, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleEntry,
+        WaitKey, Waiter, action, rule_flags,
     },
 };
 
 use crate::{
     maps::{CONFIG, GROUPS, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES_V4, RULES_V6, WAITERS},
-    parse::{Attempt, Source},
+    parse::{Addr, Attempt, Source},
     stats::{count_rule, count_wait},
 };
 
@@ -61,11 +61,11 @@ impl TatCell for MapCell {
 pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
     let pgen = generation();
     let (rule, addr) = match attempt.source {
-        Source::V4(a) => match RULES_V4.get(Key::new(GEN_BITS + 32, v4_gen_key(pgen, a))) {
+        Source::V4(Addr(a)) => match rule_v4(pgen, a) {
             Some(r) => (r, v4_key(group_v4(a, r.group_len))),
             None => return Reason::NoRule,
         },
-        Source::V6(a) => match RULES_V6.get(Key::new(GEN_BITS + 128, v6_gen_key(pgen, a))) {
+        Source::V6(Addr(a)) => match rule_v6(pgen, a) {
             Some(r) => (r, group_v6(a, r.group_len)),
             None => return Reason::NoRule,
         },
@@ -127,22 +127,59 @@ fn generation() -> u8 {
     }
 }
 
+/// An LPM key on the stack, 8-aligned and written with volatile word stores: the build
+/// allows misaligned stores, which the verifier refuses on the stack, and the compiler
+/// would otherwise merge the generation word and the address into one.
+#[repr(C, align(8))]
+struct LpmKey<K>(Key<K>);
+
+/// The rule for an IPv4 source in policy generation `pgen`.
 #[inline(always)]
-fn v4_gen_key(pgen: u8, a: [u8; 4]) -> [u8; 5] {
-    let [a0, a1, a2, a3] = a;
-    [pgen, a0, a1, a2, a3]
+fn rule_v4(pgen: u8, a: [u8; 4]) -> Option<&'static RuleEntry> {
+    let mut key = MaybeUninit::<LpmKey<PrefixV4>>::uninit();
+    let w = key.as_mut_ptr().cast::<u32>();
+    // SAFETY: three aligned words cover the key (prefix length, generation, address).
+    unsafe {
+        w.write_volatile(GEN_BITS + 32);
+        w.add(1).write_volatile(u32::from(pgen).to_be());
+        w.add(2).write_volatile(u32::from_ne_bytes(a));
+        RULES_V4.get(&key.assume_init_ref().0)
+    }
 }
 
+/// The rule for an IPv6 source in policy generation `pgen`.
 #[inline(always)]
-fn v6_gen_key(pgen: u8, a: [u8; 16]) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = pgen;
-    let mut i = 0;
-    while i < 16 {
-        k[i + 1] = a[i];
-        i += 1;
+fn rule_v6(pgen: u8, a: [u8; 16]) -> Option<&'static RuleEntry> {
+    let mut key = MaybeUninit::<LpmKey<PrefixV6>>::uninit();
+    let w = key.as_mut_ptr().cast::<u32>();
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        b0,
+        b1,
+        b2,
+        b3,
+        b4,
+        b5,
+        b6,
+        b7,
+    ] = a;
+    // SAFETY: two aligned words and two aligned double words cover the key.
+    unsafe {
+        w.write_volatile(GEN_BITS + 128);
+        w.add(1).write_volatile(u32::from(pgen).to_be());
+        let d = w.add(2).cast::<u64>();
+        d.write_volatile(u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]));
+        d.add(1)
+            .write_volatile(u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+        RULES_V6.get(&key.assume_init_ref().0)
     }
-    k
 }
 
 /// Take from the group's budget and the rule's ceiling. An attempt surely over the

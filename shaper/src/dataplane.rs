@@ -12,7 +12,7 @@ use aya::{
 use shaper_common::maps::{
     GEN_BITS, MAP_CONFIG, MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS,
     MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PROGRAM_NAME,
-    PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats,
+    PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats, gen_key, key_generation,
 };
 
 use crate::policy::Compiled;
@@ -455,7 +455,7 @@ fn write_generation<K: aya::Pod + Eq + std::hash::Hash + AsRef<[u8]>>(
     let stale: Vec<Key<K>> = trie
         .keys()
         .filter_map(|k| k.ok())
-        .filter(|k| k.data().as_ref().first() == Some(&g))
+        .filter(|k| key_generation(k.data().as_ref()) == Some(g))
         .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
         .collect();
     for k in stale {
@@ -466,14 +466,6 @@ fn write_generation<K: aya::Pod + Eq + std::hash::Hash + AsRef<[u8]>>(
             .with_context(|| format!("writing {name} (is the trie full?)"))?;
     }
     Ok(())
-}
-
-/// An LPM key's data for generation `g`: the generation byte, then the address.
-fn gen_key<const N: usize, const M: usize>(g: u8, addr: &[u8; N]) -> [u8; M] {
-    let mut k = [0u8; M];
-    k[0] = g;
-    k[1..].copy_from_slice(addr);
-    k
 }
 
 /// A nonzero hash of a rule's whole definition (FNV-1a over its JSON form).

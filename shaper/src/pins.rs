@@ -15,8 +15,8 @@ use shaper_common::{
     maps::{
         GroupKey, GroupState, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES,
         MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES_V4,
-        MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, ProbeSlot, RuleBudget, RuleEntry, RuleStats,
-        WaitKey, Waiter,
+        MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleBudget,
+        RuleEntry, RuleStats, WaitKey, Waiter,
     },
 };
 
@@ -99,8 +99,16 @@ pub fn ensure_root(root: &Path) -> Result<()> {
 fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
     let s = |n: usize| n as u32;
     Some(match name {
-        MAP_RULES_V4 => (4 + 5, s(size_of::<RuleEntry>()), cap.prefixes),
-        MAP_RULES_V6 => (4 + 17, s(size_of::<RuleEntry>()), cap.prefixes),
+        MAP_RULES_V4 => (
+            4 + s(size_of::<PrefixV4>()),
+            s(size_of::<RuleEntry>()),
+            cap.prefixes,
+        ),
+        MAP_RULES_V6 => (
+            4 + s(size_of::<PrefixV6>()),
+            s(size_of::<RuleEntry>()),
+            cap.prefixes,
+        ),
         MAP_CONFIG => (4, 4, 1),
         MAP_RULE_IDS => (4, 8, cap.rules),
         MAP_PROTECTED_PORTS => (4, 4, PORTS),
