@@ -65,6 +65,10 @@ pub mod action {
 pub mod rule_flags {
     /// The prefix is protected: attempts always pass (lock-out guard).
     pub const PROTECTED: u8 = 1;
+    /// The sources of this entry's probe block are not all under this entry: a more
+    /// specific prefix lies inside the block (or the entry is inside it). The program
+    /// must not cache the rule for the block.
+    pub const NO_CACHE: u8 = 2;
 }
 
 /// The data of an IPv4 LPM key (`aya` adds the prefix length in front): the policy
@@ -104,10 +108,26 @@ pub fn key_generation(data: &[u8]) -> Option<u8> {
     }
 }
 
-/// Array of one `u32`: the active policy generation (0 or 1). The daemon writes a new
-/// policy under the other generation, then flips this word: a packet reads it once, so
-/// it sees one whole policy, never a mix.
+/// Array of three `u32`s ([`config`]): the policy epoch, and the probe lengths of each
+/// generation. The daemon writes a new policy under the other generation (the epoch's
+/// parity), then bumps the epoch: a packet reads it once, so it sees one whole policy,
+/// never a mix.
 pub const MAP_CONFIG: &str = "CONFIG";
+/// Array indexed by rule id → [`RuleEntry`]: what a group's cached rule id stands for.
+/// Written by the daemon before the epoch that uses it begins.
+pub const MAP_RULES: &str = "RULES";
+
+/// Slots of the `CONFIG` array.
+pub mod config {
+    /// The policy epoch: bumped by every apply; its parity is the generation of the
+    /// rule tries' keys. 0 before the first policy.
+    pub const EPOCH: u32 = 0;
+    /// Probe lengths of generation 0 (slot 1) and 1 (slot 2): the IPv4 length in the
+    /// low byte, the IPv6 length in the next.
+    pub const PROBE: u32 = 1;
+    /// Slots in all.
+    pub const SLOTS: u32 = 3;
+}
 /// Array indexed by rule id → `u64` hash of the rule's definition (0: free). Written and
 /// read by the daemon only; pinned, so a restarted daemon keeps each rule's id (and its
 /// counters and group state).
@@ -160,25 +180,47 @@ impl RuleEntry {
     }
 }
 
-/// Key of the group table: the rule and the source address masked to the rule's group
-/// length. IPv4 addresses use the first four bytes; the rest stays zero.
+/// Key of the group table: the source address masked to `len` bits. IPv4 addresses use
+/// the first four bytes; the rest stays zero. Within one policy a key belongs to one
+/// rule at most (a block of `len` bits that held sources of two rules would contain a
+/// more specific prefix, whose groups are longer).
+///
+/// The table holds two kinds of entries under such keys: groups (`len` is their rule's
+/// group length) and probe entries (`len` is the family's probe length, see
+/// `config::PROBE`), which cache the rule of every source in their block so that a known
+/// block's attempts skip the rule tries. When a rule's group length is the probe length,
+/// one entry is both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct GroupKey {
-    pub rule_id: u32,
+    /// [`family`].
+    pub family: u8,
+    /// Leading bits of `addr` kept.
+    pub len: u8,
+    pub _pad: [u8; 2],
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<GroupKey>() == 20);
 
+/// [`GroupState::rule_id`] of an entry no rule has used yet.
+pub const UNOWNED: u32 = u32::MAX;
+
 /// A group's shared state: the GCRA theoretical arrival time, updated by
-/// compare-and-swap from every CPU, and the waiting line of `defer` rules.
+/// compare-and-swap from every CPU, the rule it belongs to, and the waiting line of
+/// `defer` rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupState {
     pub tat_ns: u64,
+    /// The rule whose group (or probe entry) this is; [`UNOWNED`] when new. A key that
+    /// passes to another rule (a new policy) starts again with a full budget.
+    pub rule_id: u32,
+    /// The policy epoch in which every source of this entry's block was found under
+    /// `rule_id`: a probe hit in that epoch needs no rule lookup. 0: never.
+    pub epoch: u32,
     pub line: crate::line::LineState,
 }
-const _: () = assert!(size_of::<GroupState>() == 104);
+const _: () = assert!(size_of::<GroupState>() == 112);
 
 /// Address family of a [`WaitKey`].
 pub mod family {

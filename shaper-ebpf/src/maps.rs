@@ -9,7 +9,7 @@ use shaper_common::{
     Reason,
     maps::{
         GroupKey, GroupState, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PORTS, PROBE_SLOTS,
-        PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
+        PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter, config,
     },
 };
 
@@ -53,9 +53,15 @@ pub static WAITERS: LruHashMap<WaitKey, Waiter> = LruHashMap::with_max_entries(M
 #[map]
 pub static PROBES: Array<ProbeSlot> = Array::with_max_entries(PROBE_SLOTS, 0);
 
-/// [0]: the active policy generation. Written by the daemon.
+/// The policy epoch and probe lengths (`shaper_common::maps::config`). Written by the
+/// daemon.
 #[map]
-pub static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
+
+/// Rule id → the rule: what a probe entry's cached rule id stands for. Written by the
+/// daemon.
+#[map]
+pub static RULES: Array<RuleEntry> = Array::with_max_entries(MAX_RULES, 0);
 
 /// Rule id → hash of its definition. The daemon's bookkeeping (pinned with the rest);
 /// the program never reads it.

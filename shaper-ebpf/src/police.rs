@@ -18,12 +18,14 @@ use shaper_common::{
     line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
     maps::{
         GEN_BITS, GroupKey, GroupState, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleEntry,
-        WaitKey, Waiter, action, rule_flags,
+        UNOWNED, WaitKey, Waiter, action, config, family, rule_flags,
     },
 };
 
 use crate::{
-    maps::{CONFIG, GROUPS, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES_V4, RULES_V6, WAITERS},
+    maps::{
+        CONFIG, GROUPS, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES, RULES_V4, RULES_V6, WAITERS,
+    },
     parse::{Addr, Attempt, Source},
     stats::{count_rule, count_wait},
 };
@@ -56,21 +58,82 @@ impl TatCell for MapCell {
     }
 }
 
+/// The policy a packet sees, read once: its epoch (whose parity is the generation of
+/// the rule tries' keys) and that generation's probe lengths.
+struct View {
+    epoch: u32,
+    pgen: u8,
+    probe_v4: u8,
+    probe_v6: u8,
+}
+
+#[inline(always)]
+fn view() -> View {
+    let epoch = match CONFIG.get(config::EPOCH) {
+        Some(&e) => e,
+        None => 0,
+    };
+    let pgen = (epoch & 1) as u8;
+    let probe = match CONFIG.get(config::PROBE + u32::from(pgen)) {
+        Some(&p) => p,
+        None => 0,
+    };
+    View {
+        epoch,
+        pgen,
+        probe_v4: probe as u8,
+        probe_v6: (probe >> 8) as u8,
+    }
+}
+
 /// Decide what happens to one attempt.
+///
+/// The source's probe entry (its address masked to the family's probe length) names
+/// the rule of every source in its block once one attempt there has looked it up in
+/// this epoch: a known block's attempts skip the rule tries. A probe entry is its
+/// rule's group too when the rule groups by the probe length.
 #[inline(always)]
 pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
-    let pgen = generation();
-    let (rule, addr) = match attempt.source {
-        Source::V4(Addr(a)) => match rule_v4(pgen, a) {
-            Some(r) => (r, v4_key(group_v4(a, r.group_len))),
-            None => return Reason::NoRule,
-        },
-        Source::V6(Addr(a)) => match rule_v6(pgen, a) {
-            Some(r) => (r, group_v6(a, r.group_len)),
-            None => return Reason::NoRule,
-        },
+    let v = view();
+    let (family, addr, probe_len) = match attempt.source {
+        Source::V4(Addr(a)) => (family::V4, v4_key(a), v.probe_v4),
+        Source::V6(Addr(a)) => (family::V6, a, v.probe_v6),
     };
-    if rule.flags & rule_flags::PROTECTED != 0 || port_protected(attempt.dport, pgen) {
+    let probe_key = group_key(family, addr, probe_len);
+    // SAFETY: the key is initialised (all of it, by `group_key`).
+    let probe_key = unsafe { probe_key.assume_init_ref() };
+    let mut probe = GROUPS.get_ptr_mut(probe_key.key());
+    let rule = match probe {
+        // SAFETY: a live GROUPS value; the epoch word is written whole.
+        Some(p)
+            if v.epoch != 0
+                && unsafe { core::ptr::read_volatile(&raw const (*p).epoch) } == v.epoch =>
+        {
+            // SAFETY: as above.
+            match RULES.get(unsafe { (*p).rule_id }) {
+                Some(r) => r,
+                None => return Reason::NoRule,
+            }
+        }
+        _ => {
+            let found = match attempt.source {
+                Source::V4(Addr(a)) => rule_v4(v.pgen, a),
+                Source::V6(Addr(a)) => rule_v6(v.pgen, a),
+            };
+            let Some(rule) = found else {
+                return Reason::NoRule;
+            };
+            if rule.flags & rule_flags::PROTECTED != 0 {
+                count_rule(rule.rule_id, Outcome::Protected);
+                return Reason::Protected;
+            }
+            if rule.flags & rule_flags::NO_CACHE == 0 {
+                probe = cache(probe, probe_key, rule.rule_id, v.epoch);
+            }
+            rule
+        }
+    };
+    if port_protected(attempt.dport, v.pgen) {
         count_rule(rule.rule_id, Outcome::Protected);
         return Reason::Protected;
     }
@@ -78,14 +141,25 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
         count_rule(rule.rule_id, Outcome::Admitted);
         return Reason::Admitted;
     }
+    // The group's state, unless the rule has no budget at all (rate 0).
+    let group = if rule.interval_ns == 0 {
+        None
+    } else if rule.group_len == probe_len {
+        group_state(probe, probe_key, rule.rule_id)
+    } else {
+        let key = group_key(family, addr, rule.group_len);
+        // SAFETY: initialised by `group_key`.
+        group_state(None, unsafe { key.assume_init_ref() }, rule.rule_id)
+    };
     if rule.action == action::DEFER && rule.interval_ns != 0 {
-        let d = defer(ctx, attempt, rule, addr);
+        // Null when the group table had no room (five arguments at most on BPF).
+        let d = defer(ctx, attempt, rule, group.unwrap_or(core::ptr::null_mut()));
         if d.became_congested {
             log_congested(ctx, rule.rule_id);
         }
         return d.reason;
     }
-    let verdict = budget_verdict(rule, addr);
+    let verdict = budget_verdict(rule, group);
     match (verdict, rule.action) {
         (Verdict::Admit, _) => {
             count_rule(rule.rule_id, Outcome::Admitted);
@@ -106,6 +180,79 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
     }
 }
 
+/// The group table's key for `addr` masked to `len` bits, written with volatile word
+/// stores into an 8-aligned buffer (see [`LpmKey`]).
+#[inline(always)]
+fn group_key(family: u8, addr: [u8; 16], len: u8) -> MaybeUninit<GroupKeyBuf> {
+    let masked = if family == family::V4 {
+        let [a0, a1, a2, a3, ..] = addr;
+        v4_key(group_v4([a0, a1, a2, a3], len))
+    } else {
+        group_v6(addr, len)
+    };
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        a8,
+        a9,
+        a10,
+        a11,
+        a12,
+        a13,
+        a14,
+        a15,
+    ] = masked;
+    let mut key = MaybeUninit::<GroupKeyBuf>::uninit();
+    let w = key.as_mut_ptr().cast::<u32>();
+    // SAFETY: five aligned words cover the 20-byte key.
+    unsafe {
+        w.write_volatile(u32::from_ne_bytes([family, len, 0, 0]));
+        w.add(1)
+            .write_volatile(u32::from_ne_bytes([a0, a1, a2, a3]));
+        w.add(2)
+            .write_volatile(u32::from_ne_bytes([a4, a5, a6, a7]));
+        w.add(3)
+            .write_volatile(u32::from_ne_bytes([a8, a9, a10, a11]));
+        w.add(4)
+            .write_volatile(u32::from_ne_bytes([a12, a13, a14, a15]));
+    }
+    key
+}
+
+/// A [`GroupKey`] on the stack, 8-aligned.
+#[repr(C, align(8))]
+struct GroupKeyBuf(GroupKey);
+
+impl GroupKeyBuf {
+    #[inline(always)]
+    fn key(&self) -> &GroupKey {
+        &self.0
+    }
+}
+
+/// Remember that every source of the probe block is under `rule_id` in `epoch`: the
+/// block's probe entry (created if need be) is claimed for the rule, then stamped.
+/// Returns the entry.
+#[inline(always)]
+fn cache(
+    probe: Option<*mut GroupState>,
+    key: &GroupKeyBuf,
+    rule_id: u32,
+    epoch: u32,
+) -> Option<*mut GroupState> {
+    let p = group_state(probe, key, rule_id)?;
+    // SAFETY: a live GROUPS value. Written after the rule id: a CPU that reads this
+    // epoch reads the rule id it stands for.
+    unsafe { core::ptr::write_volatile(&raw mut (*p).epoch, epoch) };
+    Some(p)
+}
+
 #[inline(always)]
 fn v4_key(a: [u8; 4]) -> [u8; 16] {
     let [a0, a1, a2, a3] = a;
@@ -115,16 +262,6 @@ fn v4_key(a: [u8; 4]) -> [u8; 16] {
 #[inline(always)]
 fn port_protected(port: u16, pgen: u8) -> bool {
     matches!(PROTECTED_PORTS.get(u32::from(port)), Some(&v) if v & (1 << pgen) != 0)
-}
-
-/// The active policy generation: read once per attempt, so every lookup of the attempt
-/// sees the same whole policy.
-#[inline(always)]
-fn generation() -> u8 {
-    match CONFIG.get(0) {
-        Some(&g) => (g & 1) as u8,
-        None => 0,
-    }
 }
 
 /// An LPM key on the stack, 8-aligned and written with volatile word stores: the build
@@ -186,12 +323,12 @@ fn rule_v6(pgen: u8, a: [u8; 16]) -> Option<&'static RuleEntry> {
 /// group's budget is refused on the coarse clock (a few ns) without reading the exact
 /// one (tens of ns): the same verdicts, cheaper under a flood.
 #[inline(always)]
-fn budget_verdict(rule: &RuleEntry, addr: [u8; 16]) -> Verdict {
+fn budget_verdict(rule: &RuleEntry, group: Option<*mut GroupState>) -> Verdict {
     if rule.interval_ns == 0 {
         // Rate 0: nothing is admitted; no state to touch.
         return Verdict::OverGroup;
     }
-    let Some(group) = group_state(rule.rule_id, addr) else {
+    let Some(group) = group else {
         return Verdict::Contended;
     };
     // SAFETY: helpers without arguments; a read of the program's read-only global.
@@ -261,6 +398,8 @@ fn admit_budget(
 /// A new group's state: full budget, empty line. In global data, not on the stack.
 static NEW_GROUP: GroupState = GroupState {
     tat_ns: 0,
+    rule_id: UNOWNED,
+    epoch: 0,
     line: LineState {
         congested_until_ns: 0,
         sec: 0,
@@ -272,17 +411,50 @@ static NEW_GROUP: GroupState = GroupState {
     },
 };
 
-/// The group's state, created on its first attempt.
+/// The state under `key` (`known` if the caller looked it up already), created on its
+/// first attempt, owned by `rule_id`: an entry another rule owned (under an older
+/// policy) starts again with a full budget and an empty line.
 #[inline(always)]
-fn group_state(rule_id: u32, addr: [u8; 16]) -> Option<*mut GroupState> {
-    let key = GroupKey { rule_id, addr };
-    if let Some(p) = GROUPS.get_ptr_mut(&key) {
-        return Some(p);
+fn group_state(
+    known: Option<*mut GroupState>,
+    key: &GroupKeyBuf,
+    rule_id: u32,
+) -> Option<*mut GroupState> {
+    let p = match known {
+        Some(p) => p,
+        None => match GROUPS.get_ptr_mut(key.key()) {
+            Some(p) => p,
+            None => {
+                // Another CPU may insert the same key first: NOEXIST keeps its state,
+                // and the second lookup finds whichever won.
+                let _ = GROUPS.insert(key.key(), &NEW_GROUP, u64::from(BPF_NOEXIST));
+                GROUPS.get_ptr_mut(key.key())?
+            }
+        },
+    };
+    // SAFETY: a live GROUPS value.
+    let owner = unsafe { core::ptr::read_volatile(&raw const (*p).rule_id) };
+    if owner != rule_id {
+        if owner != UNOWNED {
+            // Only when a new policy gives the key to another rule. CPUs racing here
+            // write the same values.
+            reset(p);
+        }
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*p).rule_id, rule_id) };
     }
-    // Another CPU may insert the same group first: NOEXIST keeps its state, and the
-    // second lookup finds whichever won.
-    let _ = GROUPS.insert(&key, &NEW_GROUP, u64::from(BPF_NOEXIST));
-    GROUPS.get_ptr_mut(&key)
+    Some(p)
+}
+
+/// Give a group its new state back (a function of its own: rare, and its copy is long).
+#[inline(never)]
+fn reset(p: *mut GroupState) {
+    // SAFETY: a live GROUPS value; the copy is of a whole, aligned GroupState.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*p).tat_ns, 0);
+        core::ptr::write_volatile(&raw mut (*p).epoch, 0);
+        (&raw mut (*p).line).write(NEW_GROUP.line);
+    }
 }
 
 /// What [`defer`] decided, and whether the group just became congested: the caller
@@ -295,12 +467,14 @@ struct Deferral {
 /// `defer`: the group's waiting line decides (see `shaper_common::line`). A function
 /// of its own (a BPF-to-BPF call) so its stack does not add to the drop path's.
 #[inline(never)]
-fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, addr: [u8; 16]) -> Deferral {
+fn defer(
+    ctx: &XdpContext,
+    attempt: &Attempt,
+    rule: &RuleEntry,
+    group: *mut GroupState,
+) -> Deferral {
     let mut key = MaybeUninit::<WaitKey>::uninit();
-    let (Some(group), Ok(isn)) = (
-        group_state(rule.rule_id, addr),
-        attempt.wait_key(ctx, key.as_mut_ptr()),
-    ) else {
+    let (false, Ok(isn)) = (group.is_null(), attempt.wait_key(ctx, key.as_mut_ptr())) else {
         count_rule(rule.rule_id, Outcome::Dropped);
         return Deferral {
             reason: Reason::Contended,

@@ -11,8 +11,9 @@ use aya::{
 };
 use shaper_common::maps::{
     GEN_BITS, MAP_CONFIG, MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS,
-    MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PROGRAM_NAME,
-    PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats, gen_key, key_generation,
+    MAP_RULES, MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS,
+    PROGRAM_NAME, PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats, config, gen_key,
+    key_generation,
 };
 
 use crate::policy::Compiled;
@@ -95,6 +96,7 @@ impl Dataplane {
         loader
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)
+            .map_max_entries(MAP_RULES, capacity.rules)
             .map_max_entries(MAP_RULES_V4, capacity.prefixes)
             .map_max_entries(MAP_RULES_V6, capacity.prefixes)
             .map_max_entries(shaper_common::maps::MAP_GROUPS, capacity.groups)
@@ -145,8 +147,15 @@ impl Dataplane {
                 self.capacity.rules
             ));
         }
-        let active = self.generation()?;
+        let epoch = self.epoch()?;
+        let active = (epoch & 1) as u8;
         let next = 1 - active;
+        // The epoch after this one: its parity is `next`; 0 means "no policy" and is
+        // skipped when the counter wraps.
+        let next_epoch = match epoch.wrapping_add(1) {
+            0 => 2,
+            e => e,
+        };
         let v4: Vec<(PrefixV4, u32, RuleEntry)> = policy
             .v4
             .iter()
@@ -157,6 +166,18 @@ impl Dataplane {
             .iter()
             .map(|(a, len, e)| (gen_key(next, a), len + GEN_BITS, *e))
             .collect();
+        // Rule ids the new policy uses are either unchanged rules (the same entry) or
+        // ids the active policy does not use: writing them disturbs no packet.
+        {
+            let mut rules: Array<&mut MapData, RuleEntry> = Array::try_from(
+                self.ebpf
+                    .map_mut(MAP_RULES)
+                    .ok_or_else(|| anyhow!("map {MAP_RULES} missing"))?,
+            )?;
+            for e in policy.by_id() {
+                rules.set(e.rule_id, e, 0)?;
+            }
+        }
         write_generation::<PrefixV4>(&mut self.ebpf, MAP_RULES_V4, next, &v4)?;
         write_generation::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, next, &v6)?;
         let protected: HashSet<u16> = policy.protected_ports.iter().copied().collect();
@@ -167,7 +188,11 @@ impl Dataplane {
                 v & !(1 << next)
             }
         })?;
-        self.set_generation(next)?;
+        self.config_set(
+            config::PROBE + u32::from(next),
+            u32::from(policy.probe_v4) | u32::from(policy.probe_v6) << 8,
+        )?;
+        self.config_set(config::EPOCH, next_epoch)?;
         // Packets that read the old generation finish within microseconds; give them a
         // wide margin before its entries go.
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -243,9 +268,10 @@ impl Dataplane {
         if let Some(m) = self.ebpf.map_mut(MAP_GROUPS) {
             let mut groups = aya::maps::HashMap::<_, GroupKey, GroupState>::try_from(m)?;
             let stale: Vec<GroupKey> = groups
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| set.contains(&k.rule_id))
+                .iter()
+                .filter_map(|kv| kv.ok())
+                .filter(|(_, g)| set.contains(&g.rule_id))
+                .map(|(k, _)| k)
                 .collect();
             for k in stale {
                 let _ = groups.remove(&k);
@@ -281,23 +307,28 @@ impl Dataplane {
             .unwrap_or_default()
     }
 
-    /// The active policy generation (0 or 1).
+    /// The active policy generation (0 or 1): the epoch's parity.
     pub fn generation(&self) -> Result<u8> {
+        Ok((self.epoch()? & 1) as u8)
+    }
+
+    /// The policy epoch (0 before the first policy).
+    pub fn epoch(&self) -> Result<u32> {
         let config: Array<&MapData, u32> = Array::try_from(
             self.ebpf
                 .map(MAP_CONFIG)
                 .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
         )?;
-        Ok((config.get(&0, 0)? & 1) as u8)
+        Ok(config.get(&config::EPOCH, 0)?)
     }
 
-    fn set_generation(&mut self, g: u8) -> Result<()> {
+    fn config_set(&mut self, slot: u32, v: u32) -> Result<()> {
         let mut config: Array<&mut MapData, u32> = Array::try_from(
             self.ebpf
                 .map_mut(MAP_CONFIG)
                 .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
         )?;
-        config.set(0, u32::from(g), 0)?;
+        config.set(slot, v, 0)?;
         Ok(())
     }
 

@@ -14,9 +14,9 @@ use shaper_common::{
     Reason,
     maps::{
         GroupKey, GroupState, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES,
-        MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES_V4,
-        MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleBudget,
-        RuleEntry, RuleStats, WaitKey, Waiter,
+        MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES,
+        MAP_RULES_V4, MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot,
+        RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter, config,
     },
 };
 
@@ -31,7 +31,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const LINK: &str = "link";
 
 /// The maps that are pinned (the program's global data is not).
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_RULES_V4,
     MAP_RULES_V6,
     MAP_PROTECTED_PORTS,
@@ -43,6 +43,7 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_PROBES,
     MAP_CONFIG,
     MAP_RULE_IDS,
+    MAP_RULES,
 ];
 
 /// One interface's pin directory.
@@ -109,7 +110,8 @@ fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
             s(size_of::<RuleEntry>()),
             cap.prefixes,
         ),
-        MAP_CONFIG => (4, 4, 1),
+        MAP_CONFIG => (4, 4, config::SLOTS),
+        MAP_RULES => (4, s(size_of::<RuleEntry>()), cap.rules),
         MAP_RULE_IDS => (4, 8, cap.rules),
         MAP_PROTECTED_PORTS => (4, 4, PORTS),
         MAP_GROUPS => (

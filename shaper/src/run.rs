@@ -515,12 +515,16 @@ fn top(s: &State, n: usize) -> Vec<TopGroup> {
     let mut out = Vec::new();
     for i in &s.ifaces {
         for (key, st) in i.dp.groups() {
-            let Some(pos) = s.ids.iter().position(|id| *id == key.rule_id) else {
+            let Some(pos) = s.ids.iter().position(|id| *id == st.rule_id) else {
                 continue;
             };
             let Some(rule) = s.policy.rules.get(pos) else {
                 continue;
             };
+            if key.len != rule.group {
+                // A probe entry only (the rule groups by another length).
+                continue;
+            }
             let budget =
                 shaper_common::Budget::new(rule.rate.count, rule.rate.period_ns, rule.burst);
             let used = if budget.interval_ns == 0 {

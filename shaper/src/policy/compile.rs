@@ -4,6 +4,13 @@
 //! plane needs one lookup. For protection to win whatever the rules say, every rule
 //! prefix inside a protected prefix is flagged too; the protected prefix itself carries
 //! the id of the rule that covers it (for counting).
+//!
+//! Each family has a probe length: the group length most of its rules use. The data
+//! plane caches, per block of that length, the rule all its sources are under, and
+//! skips the tries for known blocks. A block with a more specific prefix inside is not
+//! all under one entry: the entries of such blocks are flagged NO_CACHE (the block gets
+//! an entry of its own, a copy of the entry that covers it, if it has none), and so are
+//! entries longer than the probe length.
 
 use std::net::IpAddr;
 
@@ -23,6 +30,11 @@ pub struct Compiled {
     pub v4: Vec<([u8; 4], u32, RuleEntry)>,
     pub v6: Vec<([u8; 16], u32, RuleEntry)>,
     pub protected_ports: Vec<u16>,
+    /// The probe lengths (see the module doc).
+    pub probe_v4: u8,
+    pub probe_v6: u8,
+    /// Each rule's entry, for the rule-id table.
+    rules_by_id: Vec<RuleEntry>,
     rules: usize,
 }
 
@@ -30,6 +42,62 @@ impl Compiled {
     /// Number of rule ids used.
     pub fn rule_count(&self) -> usize {
         self.rules
+    }
+
+    /// Each rule's entry (protected prefixes have none of their own).
+    pub fn by_id(&self) -> &[RuleEntry] {
+        &self.rules_by_id
+    }
+}
+
+/// The probe length of a family: the group length of most of its rules (the shorter on
+/// a tie: fewer probe entries), or the default group length when it has none.
+fn probe_len<'a>(groups: impl Iterator<Item = &'a u8>, default: u8) -> u8 {
+    let mut counts = std::collections::BTreeMap::<u8, usize>::new();
+    for g in groups {
+        *counts.entry(*g).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(g, n)| (*n, std::cmp::Reverse(*g)))
+        .map_or(default, |(g, _)| g)
+}
+
+/// `p`'s block of `len` bits.
+fn block(p: &Prefix, len: u8) -> Prefix {
+    Prefix {
+        addr: Prefix { addr: p.addr, len }.network(),
+        len,
+    }
+}
+
+/// Flag the entries of one family (`v4`) whose probe block is not all theirs, adding a
+/// block entry where a block has a more specific prefix inside and no entry of its own.
+fn split_blocks(entries: &mut Vec<(Prefix, RuleEntry)>, v4: bool, probe: u8) {
+    let mut blocks: Vec<Prefix> = Vec::new();
+    for (p, e) in entries.iter_mut() {
+        if p.addr.is_ipv4() == v4 && p.len > probe {
+            e.flags |= rule_flags::NO_CACHE;
+            let b = block(p, probe);
+            if !blocks.contains(&b) {
+                blocks.push(b);
+            }
+        }
+    }
+    for b in blocks {
+        if let Some((_, e)) = entries.iter_mut().find(|(p, _)| *p == b) {
+            e.flags |= rule_flags::NO_CACHE;
+            continue;
+        }
+        let covering = entries
+            .iter()
+            .filter(|(p, _)| p.covers(&b))
+            .max_by_key(|(p, _)| p.len)
+            .map(|(_, e)| *e);
+        if let Some(mut e) = covering {
+            e.flags |= rule_flags::NO_CACHE;
+            entries.push((b, e));
+        }
     }
 }
 
@@ -100,9 +168,33 @@ impl Policy {
                 },
             ));
         }
+        let rules_by_id: Vec<RuleEntry> = entries
+            .iter()
+            .take(self.rules.len())
+            .map(|(_, e)| *e)
+            .collect();
+        let probe_v4 = probe_len(
+            self.rules
+                .iter()
+                .filter(|r| r.prefix.addr.is_ipv4())
+                .map(|r| &r.group),
+            24,
+        );
+        let probe_v6 = probe_len(
+            self.rules
+                .iter()
+                .filter(|r| !r.prefix.addr.is_ipv4())
+                .map(|r| &r.group),
+            64,
+        );
+        split_blocks(&mut entries, true, probe_v4);
+        split_blocks(&mut entries, false, probe_v6);
         let mut out = Compiled {
             rules: self.rules.len(),
             protected_ports: self.protected_ports.clone(),
+            probe_v4,
+            probe_v6,
+            rules_by_id,
             ..Compiled::default()
         };
         for (p, e) in entries {

@@ -119,6 +119,60 @@ fn protection_wins_over_more_specific_rules() {
             .map(|(_, l, e)| (*l, e.flags, e.rule_id))
             .collect();
     // wide: not protected; narrow (inside 10.1/16): protected; the two protected
-    // prefixes count under `wide`, the rule that covers them.
-    assert_eq!(flags, vec![(8, 0, 0), (24, 1, 1), (16, 1, 0), (32, 1, 0)]);
+    // prefixes count under `wide`, the rule that covers them. The /32 is longer than
+    // the probe length (24): it and its /24 block are not cached, and the block gets an
+    // entry of its own, a copy of `wide`'s.
+    assert_eq!(
+        flags,
+        vec![(8, 0, 0), (24, 1, 1), (16, 1, 0), (32, 3, 0), (24, 2, 0)]
+    );
+    assert_eq!((c.probe_v4, c.probe_v6), (24, 64));
+    assert_eq!(c.v4[4].0, [10, 9, 9, 0]);
+    assert_eq!(c.v4[4].2.action, c.v4[0].2.action);
+    assert_eq!(c.by_id().len(), 2);
+}
+
+#[test]
+fn probe_blocks_with_a_prefix_inside_are_not_cached() {
+    let p = parse(
+        "p.toml",
+        "[[rule]]\nname = \"everyone\"\nprefix = \"0.0.0.0/0\"\nrate = 5\n\
+         [[rule]]\nname = \"lab\"\nprefix = \"198.18.5.0/24\"\nrate = 5\ngroup = 24\n\
+         [[rule]]\nname = \"hosts\"\nprefix = \"198.18.6.0/28\"\nrate = 5\ngroup = 32\n\
+         [[rule]]\nname = \"nat\"\nprefix = \"198.18.7.0/24\"\nrate = 5\ngroup = 32\n\
+         [[rule]]\nname = \"v6\"\nprefix = \"2001:db8::/32\"\nrate = 5\ngroup = 56\n",
+    )
+    .expect("valid");
+    let c = p.compile();
+    // Two IPv4 rules group by /24 and two by /32: on a tie the shorter length wins
+    // (fewer probe entries).
+    assert_eq!((c.probe_v4, c.probe_v6), (24, 56));
+    let p = parse(
+        "p.toml",
+        "[[rule]]\nname = \"everyone\"\nprefix = \"0.0.0.0/0\"\nrate = 5\n\
+         [[rule]]\nname = \"lab\"\nprefix = \"198.18.5.0/24\"\nrate = 5\n\
+         [[rule]]\nname = \"hosts\"\nprefix = \"198.18.6.0/28\"\nrate = 5\ngroup = 32\n\
+         [protect]\nprefixes = [\"198.18.5.7\"]\n",
+    )
+    .expect("valid");
+    let c = p.compile();
+    assert_eq!(c.probe_v4, 24);
+    let no_cache = |a: [u8; 4], l: u32| {
+        c.v4.iter()
+            .find(|(x, len, _)| *x == a && *len == l)
+            .map(|(_, _, e)| e.flags & shaper_common::maps::rule_flags::NO_CACHE != 0)
+    };
+    // Whole blocks under one entry are cached.
+    assert_eq!(no_cache([0, 0, 0, 0], 0), Some(false));
+    // `lab`'s block holds a protected host; `hosts` is inside a block of `everyone`.
+    assert_eq!(no_cache([198, 18, 5, 0], 24), Some(true));
+    assert_eq!(no_cache([198, 18, 5, 7], 32), Some(true));
+    assert_eq!(no_cache([198, 18, 6, 0], 28), Some(true));
+    // The block around `hosts` got a copy of `everyone`'s entry, flagged.
+    let block =
+        c.v4.iter()
+            .find(|(x, len, _)| *x == [198, 18, 6, 0] && *len == 24);
+    let (_, _, e) = block.expect("a block entry");
+    assert_eq!(e.rule_id, 0);
+    assert_ne!(e.flags & shaper_common::maps::rule_flags::NO_CACHE, 0);
 }
