@@ -8,7 +8,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
+    helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
@@ -35,6 +35,62 @@ use crate::{
 /// the default is two ticks at the slowest tick rate (HZ=100).
 #[unsafe(no_mangle)]
 static SHAPER_COARSE_LAG_NS: u64 = 20_000_000;
+
+/// The kernel's tick in ns (jiffies move once per tick), set by the loader; 0: unknown,
+/// and the coarse clock is never used.
+#[unsafe(no_mangle)]
+static SHAPER_TICK_NS: u64 = 0;
+
+/// The coarse clock: jiffies (an inlined load, where `bpf_ktime_get_coarse_ns` is a
+/// helper call) mapped onto the exact clock's timeline by `exact - jiffies * tick` as
+/// observed (wrapping; 0: nothing observed yet). The kernel advances jiffies by one per
+/// tick of that timeline, so `jiffies * tick` plus a fixed base is the time of the last
+/// tick. Every observation reads jiffies before the exact clock, so it is at least that
+/// base, and the smallest one kept (CPUs race on it; any of their values is at least
+/// the base) puts the coarse reading at or after the last tick: never more than a tick
+/// and its processing delay behind real time, the lag the loader allows.
+static mut JIFFY_OFFSET: u64 = 0;
+
+/// The coarse clock's reading and how far behind real time it may be (`u64::MAX`:
+/// unknown, decide on the exact clock), and jiffies as read.
+#[inline(always)]
+fn coarse_clock() -> (u64, u64, u64) {
+    // SAFETY: an inlined helper without arguments; reads of the program's globals.
+    let (j, tick, lag, off) = unsafe {
+        (
+            bpf_jiffies64(),
+            core::ptr::read_volatile(&raw const SHAPER_TICK_NS),
+            core::ptr::read_volatile(&raw const SHAPER_COARSE_LAG_NS),
+            core::ptr::read_volatile(&raw const JIFFY_OFFSET),
+        )
+    };
+    if tick == 0 || off == 0 {
+        return (0, u64::MAX, j);
+    }
+    (off.wrapping_add(j.wrapping_mul(tick)), lag, j)
+}
+
+/// The exact clock, read after `jiffies` was: its reading also tightens the coarse
+/// clock's offset.
+#[inline(always)]
+fn exact_clock(jiffies: u64) -> u64 {
+    // SAFETY: helper without arguments; a read of the program's read-only global.
+    let (now, tick) = unsafe {
+        (
+            bpf_ktime_get_ns(),
+            core::ptr::read_volatile(&raw const SHAPER_TICK_NS),
+        )
+    };
+    let seen = now.wrapping_sub(jiffies.wrapping_mul(tick));
+    // SAFETY: the program's own global; racing CPUs each store a valid offset.
+    unsafe {
+        let off = core::ptr::read_volatile(&raw const JIFFY_OFFSET);
+        if tick != 0 && seen != 0 && (off == 0 || (seen.wrapping_sub(off) as i64) < 0) {
+            core::ptr::write_volatile(&raw mut JIFFY_OFFSET, seen);
+        }
+    }
+    now
+}
 
 /// A budget word in a map value, shared by all CPUs.
 struct MapCell(*mut u64);
@@ -331,17 +387,8 @@ fn budget_verdict(rule: &RuleEntry, group: Option<*mut GroupState>) -> Verdict {
     let Some(group) = group else {
         return Verdict::Contended;
     };
-    // SAFETY: helpers without arguments; a read of the program's read-only global.
-    let (coarse, lag) = unsafe {
-        (
-            bpf_ktime_get_coarse_ns(),
-            core::ptr::read_volatile(&raw const SHAPER_COARSE_LAG_NS),
-        )
-    };
-    admit_budget(rule, group, 0, coarse, lag, || {
-        // SAFETY: a helper without arguments.
-        unsafe { bpf_ktime_get_ns() }
-    })
+    let (coarse, lag, jiffies) = coarse_clock();
+    admit_budget(rule, group, 0, coarse, lag, || exact_clock(jiffies))
 }
 
 /// Admit against the group's budget word and, if the rule has one, its ceiling, on
@@ -483,8 +530,8 @@ fn defer(
     };
     // SAFETY: `wait_key` returned `Ok`: it wrote the whole key.
     let key: &WaitKey = unsafe { key.assume_init_ref() };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: an inlined helper without arguments.
+    let now = exact_clock(unsafe { bpf_jiffies64() });
     // SAFETY: points into the live GROUPS value; CPUs may race on these fields, which
     // only shifts the order (the budget word is updated by compare-and-swap).
     let line: &mut LineState = unsafe { &mut *(&raw mut (*group).line) };

@@ -93,6 +93,9 @@ impl Dataplane {
         loader.override_global(aya_log::LEVEL, &level, false);
         let lag = coarse_clock_lag_ns();
         loader.override_global("SHAPER_COARSE_LAG_NS", &lag, true);
+        // Without it the program never decides on the coarse clock.
+        let tick = tick_ns().unwrap_or(0);
+        loader.override_global("SHAPER_TICK_NS", &tick, true);
         loader
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)
@@ -510,10 +513,9 @@ fn rule_hash(r: &crate::policy::Rule) -> u64 {
     h | 1
 }
 
-/// How far the kernel's coarse clock may read behind the exact one: two of its ticks
-/// (one it is always up to behind, one for a late tick). The program refuses attempts
-/// surely over budget on the coarse clock only when they are that far from conforming.
-pub fn coarse_clock_lag_ns() -> u64 {
+/// The kernel's tick in ns: the resolution of its coarse clock, which moves once per
+/// tick, as jiffies do (`None` if the kernel does not say).
+pub fn tick_ns() -> Option<u64> {
     let mut res = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -525,8 +527,16 @@ pub fn coarse_clock_lag_ns() -> u64 {
         .zip(u64::try_from(res.tv_nsec).ok())
         .map(|(s, ns)| s.saturating_mul(1_000_000_000).saturating_add(ns));
     match tick {
-        // HZ=100 is the slowest tick Linux has: 10 ms.
-        Some(t) if ok && t > 0 => t.saturating_mul(2),
-        _ => 20_000_000,
+        Some(t) if ok && t > 0 => Some(t),
+        _ => None,
     }
+}
+
+/// How far the program's coarse clock (jiffies) may read behind the exact one: two
+/// ticks (one it is always up to behind, one for a late tick). The program refuses
+/// attempts surely over budget on the coarse clock only when they are that far from
+/// conforming.
+pub fn coarse_clock_lag_ns() -> u64 {
+    // HZ=100 is the slowest tick Linux has: 10 ms.
+    tick_ns().map_or(20_000_000, |t| t.saturating_mul(2))
 }
