@@ -11,6 +11,7 @@ pub mod budget;
 #[cfg(any(test, feature = "user"))]
 pub mod fairness;
 pub mod group;
+pub mod jiffies;
 pub mod line;
 pub mod maps;
 pub mod reason;

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use shaper_common::{
-    Budget, Outcome, Reason, TatCell, Verdict, admit_two_clocks, group_v4, group_v6,
+    Budget, Outcome, Reason, TatCell, Verdict, admit_two_clocks, group_v4, group_v6, jiffies,
     line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
     maps::{
         GEN_BITS, GroupKey, GroupState, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleEntry,
@@ -41,14 +41,10 @@ static SHAPER_COARSE_LAG_NS: u64 = 20_000_000;
 #[unsafe(no_mangle)]
 static SHAPER_TICK_NS: u64 = 0;
 
-/// The coarse clock: jiffies (an inlined load, where `bpf_ktime_get_coarse_ns` is a
-/// helper call) mapped onto the exact clock's timeline by `exact - jiffies * tick` as
-/// observed (wrapping; 0: nothing observed yet). The kernel advances jiffies by one per
-/// tick of that timeline, so `jiffies * tick` plus a fixed base is the time of the last
-/// tick. Every observation reads jiffies before the exact clock, so it is at least that
-/// base, and the smallest one kept (CPUs race on it; any of their values is at least
-/// the base) puts the coarse reading at or after the last tick: never more than a tick
-/// and its processing delay behind real time, the lag the loader allows.
+/// The coarse clock's offset (`shaper_common::jiffies`): jiffies (an inlined load,
+/// where `bpf_ktime_get_coarse_ns` is a helper call) plus this are the exact clock's
+/// time of the last tick. Learnt from the program's exact readings; CPUs race on it,
+/// and any value they store is valid.
 static mut JIFFY_OFFSET: u64 = 0;
 
 /// The coarse clock's reading and how far behind real time it may be (`u64::MAX`:
@@ -64,32 +60,25 @@ fn coarse_clock() -> (u64, u64, u64) {
             core::ptr::read_volatile(&raw const JIFFY_OFFSET),
         )
     };
-    if tick == 0 || off == 0 {
-        return (0, u64::MAX, j);
-    }
-    (off.wrapping_add(j.wrapping_mul(tick)), lag, j)
+    let (c, lag) = jiffies::coarse(off, j, tick, lag);
+    (c, lag, j)
 }
 
-/// The exact clock, read after `jiffies` was: its reading also tightens the coarse
-/// clock's offset.
+/// The exact clock, read after jiffies read `jiffies`: the reading also tightens the
+/// coarse clock's offset.
 #[inline(always)]
 fn exact_clock(jiffies: u64) -> u64 {
-    // SAFETY: helper without arguments; a read of the program's read-only global.
-    let (now, tick) = unsafe {
-        (
-            bpf_ktime_get_ns(),
-            core::ptr::read_volatile(&raw const SHAPER_TICK_NS),
-        )
-    };
-    let seen = now.wrapping_sub(jiffies.wrapping_mul(tick));
-    // SAFETY: the program's own global; racing CPUs each store a valid offset.
+    // SAFETY: helper without arguments; reads and a write of the program's globals
+    // (racing CPUs each store a valid offset).
     unsafe {
+        let now = bpf_ktime_get_ns();
+        let tick = core::ptr::read_volatile(&raw const SHAPER_TICK_NS);
         let off = core::ptr::read_volatile(&raw const JIFFY_OFFSET);
-        if tick != 0 && seen != 0 && (off == 0 || (seen.wrapping_sub(off) as i64) < 0) {
-            core::ptr::write_volatile(&raw mut JIFFY_OFFSET, seen);
+        if let Some(o) = jiffies::tighter(off, jiffies::observe(now, jiffies, tick)) {
+            core::ptr::write_volatile(&raw mut JIFFY_OFFSET, o);
         }
+        now
     }
-    now
 }
 
 /// A budget word in a map value, shared by all CPUs.
