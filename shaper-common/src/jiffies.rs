@@ -75,7 +75,7 @@ mod tests {
             start in 0u64..1_000_000_000_000,
             steps in prop::collection::vec((0u64..20_000_000, 0u64..=1000, any::<bool>()), 1..200),
         ) {
-            let k = Kernel { base, tick, j0: (u32::MAX - 75_000) as u64 };
+            let k = Kernel { base, tick, j0: u64::from(u32::MAX - 75_000) };
             let delay = tick * delay_frac / 1000;
             let mut t = start;
             let mut off = 0u64;
