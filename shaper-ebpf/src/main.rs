@@ -33,6 +33,11 @@ pub fn shaper(ctx: XdpContext) -> u32 {
             let _build = unsafe { core::ptr::read_volatile(&raw const SHAPER_BUILD) };
             police::police(&ctx, &attempt)
         }
+        // Established traffic, nearly every packet: its own short exit.
+        Err(Reason::NotAttempt) => {
+            stats::count(Reason::NotAttempt);
+            return xdp_action::XDP_PASS;
+        }
         Err(reason) => reason,
     };
     stats::count(reason);
