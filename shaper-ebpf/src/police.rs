@@ -524,13 +524,17 @@ fn defer(
     // SAFETY: points into the live GROUPS value; CPUs may race on these fields, which
     // only shifts the order (the budget word is updated by compare-and-swap).
     let line: &mut LineState = unsafe { &mut *(&raw mut (*group).line) };
-    let hash = probe_hash(&key.probe_words(isn));
-    let slot = (hash as u32) & (PROBE_SLOTS - 1);
-    let tag = probe_tag(hash);
+    // The probe slot and tag of this SYN: not needed for a quiet group's SYN unless it
+    // is deferred (then it has to prove itself).
+    let probe = || {
+        let hash = probe_hash(&key.probe_words(isn));
+        ((hash as u32) & (PROBE_SLOTS - 1), probe_tag(hash))
+    };
     let mut waiting = false;
     let known = if line.quiet(now) {
         Known::Unknown
     } else {
+        let (slot, tag) = probe();
         // SAFETY: the value is copied out right away.
         match unsafe { WAITERS.get(key) }.copied() {
             Some(w) if w.isn == isn => {
@@ -575,6 +579,7 @@ fn defer(
                     if waiting {
                         let _ = WAITERS.remove(key);
                     }
+                    let (slot, tag) = probe();
                     if let Some(p) = PROBES.get_ptr_mut(slot) {
                         let probe = ProbeSlot {
                             tag,
