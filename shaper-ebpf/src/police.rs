@@ -175,7 +175,13 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
             if rule.flags & rule_flags::NO_CACHE == 0 {
                 probe = cache(probe, probe_key, rule.rule_id, v.epoch);
             }
-            rule
+            // The rule-id table holds the same entry (written before the epoch that
+            // uses it). Both paths then go on with a pointer into the same map, and the
+            // verifier checks what follows once for both.
+            match RULES.get(rule.rule_id) {
+                Some(r) => r,
+                None => return Reason::NoRule,
+            }
         }
     };
     if port_protected(attempt.dport, v.pgen) {
