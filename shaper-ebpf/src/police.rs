@@ -241,37 +241,16 @@ fn group_key(family: u8, addr: [u8; 16], len: u8) -> MaybeUninit<GroupKeyBuf> {
     } else {
         group_v6(addr, len)
     };
-    let [
-        a0,
-        a1,
-        a2,
-        a3,
-        a4,
-        a5,
-        a6,
-        a7,
-        a8,
-        a9,
-        a10,
-        a11,
-        a12,
-        a13,
-        a14,
-        a15,
-    ] = masked;
+    let [w0, w1, w2, w3] = words(masked);
     let mut key = MaybeUninit::<GroupKeyBuf>::uninit();
     let w = key.as_mut_ptr().cast::<u32>();
     // SAFETY: five aligned words cover the 20-byte key.
     unsafe {
         w.write_volatile(u32::from_ne_bytes([family, len, 0, 0]));
-        w.add(1)
-            .write_volatile(u32::from_ne_bytes([a0, a1, a2, a3]));
-        w.add(2)
-            .write_volatile(u32::from_ne_bytes([a4, a5, a6, a7]));
-        w.add(3)
-            .write_volatile(u32::from_ne_bytes([a8, a9, a10, a11]));
-        w.add(4)
-            .write_volatile(u32::from_ne_bytes([a12, a13, a14, a15]));
+        w.add(1).write_volatile(w0);
+        w.add(2).write_volatile(w1);
+        w.add(3).write_volatile(w2);
+        w.add(4).write_volatile(w3);
     }
     key
 }
@@ -315,6 +294,35 @@ fn port_protected(port: u16, pgen: u8) -> bool {
     matches!(PROTECTED_PORTS.get(u32::from(port)), Some(&v) if v & (1 << pgen) != 0)
 }
 
+/// 16 address bytes as four native-endian words, in memory order.
+#[inline(always)]
+fn words(a: [u8; 16]) -> [u32; 4] {
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        a8,
+        a9,
+        a10,
+        a11,
+        a12,
+        a13,
+        a14,
+        a15,
+    ] = a;
+    [
+        u32::from_ne_bytes([a0, a1, a2, a3]),
+        u32::from_ne_bytes([a4, a5, a6, a7]),
+        u32::from_ne_bytes([a8, a9, a10, a11]),
+        u32::from_ne_bytes([a12, a13, a14, a15]),
+    ]
+}
+
 /// An LPM key on the stack, 8-aligned and written with volatile word stores: the build
 /// allows misaligned stores, which the verifier refuses on the stack, and the compiler
 /// would otherwise merge the generation word and the address into one.
@@ -340,32 +348,15 @@ fn rule_v4(pgen: u8, a: [u8; 4]) -> Option<&'static RuleEntry> {
 fn rule_v6(pgen: u8, a: [u8; 16]) -> Option<&'static RuleEntry> {
     let mut key = MaybeUninit::<LpmKey<PrefixV6>>::uninit();
     let w = key.as_mut_ptr().cast::<u32>();
-    let [
-        a0,
-        a1,
-        a2,
-        a3,
-        a4,
-        a5,
-        a6,
-        a7,
-        b0,
-        b1,
-        b2,
-        b3,
-        b4,
-        b5,
-        b6,
-        b7,
-    ] = a;
-    // SAFETY: two aligned words and two aligned double words cover the key.
+    let [w0, w1, w2, w3] = words(a);
+    // SAFETY: six aligned words cover the key.
     unsafe {
         w.write_volatile(GEN_BITS + 128);
         w.add(1).write_volatile(u32::from(pgen).to_be());
-        let d = w.add(2).cast::<u64>();
-        d.write_volatile(u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]));
-        d.add(1)
-            .write_volatile(u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+        w.add(2).write_volatile(w0);
+        w.add(3).write_volatile(w1);
+        w.add(4).write_volatile(w2);
+        w.add(5).write_volatile(w3);
         RULES_V6.get(&key.assume_init_ref().0)
     }
 }
