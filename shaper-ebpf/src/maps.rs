@@ -2,6 +2,7 @@
 //! uses too; sizes here are defaults the loader may raise before load.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -54,9 +55,9 @@ pub static WAITERS: LruHashMap<WaitKey, Waiter> = LruHashMap::with_max_entries(M
 pub static PROBES: Array<ProbeSlot> = Array::with_max_entries(PROBE_SLOTS, 0);
 
 /// The policy epoch and probe lengths (`shaper_common::maps::config`). Written by the
-/// daemon.
+/// daemon, with atomic stores through the map's memory (hence mmap-able).
 #[map]
-pub static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, 0);
+pub static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, BPF_F_MMAPABLE);
 
 /// Rule id → the rule: what a probe entry's cached rule id stands for. Written by the
 /// daemon.

@@ -325,13 +325,40 @@ impl Dataplane {
         Ok(config.get(&config::EPOCH, 0)?)
     }
 
+    /// Store `v` in a `CONFIG` slot with one atomic store through the map's memory
+    /// (the map is mmap-able): a map update is a `memcpy`, which a packet reading the
+    /// word at that moment could see half done.
     fn config_set(&mut self, slot: u32, v: u32) -> Result<()> {
-        let mut config: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_CONFIG)
-                .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
-        )?;
-        config.set(slot, v, 0)?;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        if slot >= config::SLOTS {
+            return Err(anyhow!("CONFIG has no slot {slot}"));
+        }
+        let fd = match self.ebpf.map(MAP_CONFIG) {
+            Some(aya::maps::Map::Array(m)) => m.fd().as_fd().as_raw_fd(),
+            _ => return Err(anyhow!("map {MAP_CONFIG} missing")),
+        };
+        // An array's values sit 8 bytes apart (each rounded up to 8), from offset 0.
+        let len = 4096;
+        // SAFETY: a fresh shared mapping of the map's value area, unmapped below; the
+        // offset is inside it (checked slot, 8 bytes each, far below a page).
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error())
+                    .context("mapping CONFIG (a map made by an older build?)");
+            }
+            let cell = &*p.cast::<u8>().add(slot as usize * 8).cast::<AtomicU32>();
+            cell.store(v, Ordering::Release);
+            libc::munmap(p, len);
+        }
         Ok(())
     }
 

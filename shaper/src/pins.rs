@@ -22,6 +22,9 @@ use shaper_common::{
 
 use crate::dataplane::Capacity;
 
+/// `BPF_F_MMAPABLE` (linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// The default pin root.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/shaper";
 /// Where bpffs is mounted when the host has not mounted it.
@@ -151,6 +154,15 @@ pub fn check_layout(dir: &Path, cap: &Capacity) -> Result<()> {
                 found.0,
                 found.1,
                 found.2
+            );
+        }
+        // CONFIG is written through its memory: it must be mmap-able.
+        if name == MAP_CONFIG && info.map_flags() & BPF_F_MMAPABLE == 0 {
+            bail!(
+                "pinned map {} does not match this shaper build (not mmap-able): it was \
+                 made by another version. Refusing to reuse it. `shaper detach` removes the \
+                 old program and its state (counters and waiting lines start again).",
+                path.display()
             );
         }
     }
