@@ -108,25 +108,30 @@ pub fn key_generation(data: &[u8]) -> Option<u8> {
     }
 }
 
-/// Array of three `u32`s ([`config`]): the policy epoch, and the probe lengths of each
-/// generation. The daemon writes a new policy under the other generation (the epoch's
-/// parity), then bumps the epoch: a packet reads it once, so it sees one whole policy,
-/// never a mix.
+/// Array of one `u64` ([`config`]): the policy epoch and its probe lengths, one word
+/// the daemon stores atomically (through the map's memory) and a packet reads once.
+/// The daemon writes a new policy under the other generation (the epoch's parity),
+/// then stores the next epoch: a packet sees one whole policy, never a mix.
 pub const MAP_CONFIG: &str = "CONFIG";
 /// Array indexed by rule id → [`RuleEntry`]: what a group's cached rule id stands for.
 /// Written by the daemon before the epoch that uses it begins.
 pub const MAP_RULES: &str = "RULES";
 
-/// Slots of the `CONFIG` array.
+/// The `CONFIG` word.
 pub mod config {
-    /// The policy epoch: bumped by every apply; its parity is the generation of the
-    /// rule tries' keys. 0 before the first policy.
-    pub const EPOCH: u32 = 0;
-    /// Probe lengths of generation 0 (slot 1) and 1 (slot 2): the IPv4 length in the
-    /// low byte, the IPv6 length in the next.
-    pub const PROBE: u32 = 1;
-    /// Slots in all.
-    pub const SLOTS: u32 = 3;
+    /// The word: the epoch (bumped by every apply; its parity is the generation of the
+    /// rule tries' keys; 0 before the first policy) in the low 32 bits, then the IPv4
+    /// and IPv6 probe lengths, a byte each.
+    #[inline(always)]
+    pub const fn word(epoch: u32, probe_v4: u8, probe_v6: u8) -> u64 {
+        epoch as u64 | (probe_v4 as u64) << 32 | (probe_v6 as u64) << 40
+    }
+
+    /// `(epoch, probe_v4, probe_v6)` of a word.
+    #[inline(always)]
+    pub const fn parts(word: u64) -> (u32, u8, u8) {
+        (word as u32, (word >> 32) as u8, (word >> 40) as u8)
+    }
 }
 /// Array indexed by rule id → `u64` hash of the rule's definition (0: free). Written and
 /// read by the daemon only; pinned, so a restarted daemon keeps each rule's id (and its
@@ -353,6 +358,13 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_word_holds_epoch_and_probe_lengths() {
+        for (e, p4, p6) in [(0, 0, 0), (1, 24, 64), (u32::MAX, 32, 128), (7, 255, 255)] {
+            assert_eq!(config::parts(config::word(e, p4, p6)), (e, p4, p6));
+        }
+    }
 
     #[test]
     fn lpm_keys_carry_the_generation_word_then_the_address() {

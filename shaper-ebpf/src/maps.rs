@@ -54,10 +54,11 @@ pub static WAITERS: LruHashMap<WaitKey, Waiter> = LruHashMap::with_max_entries(M
 #[map]
 pub static PROBES: Array<ProbeSlot> = Array::with_max_entries(PROBE_SLOTS, 0);
 
-/// The policy epoch and probe lengths (`shaper_common::maps::config`). Written by the
-/// daemon, with atomic stores through the map's memory (hence mmap-able).
+/// The policy epoch and its probe lengths, one word (`shaper_common::maps::config`).
+/// Written by the daemon with an atomic store through the map's memory (hence
+/// mmap-able).
 #[map]
-pub static CONFIG: Array<u32> = Array::with_max_entries(config::SLOTS, BPF_F_MMAPABLE);
+pub static CONFIG: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Rule id → the rule: what a probe entry's cached rule id stands for. Written by the
 /// daemon.

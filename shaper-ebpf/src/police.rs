@@ -114,20 +114,17 @@ struct View {
 
 #[inline(always)]
 fn view() -> View {
-    let epoch = match CONFIG.get(config::EPOCH) {
-        Some(&e) => e,
+    let word = match CONFIG.get(0) {
+        // SAFETY: a live map value, 8-aligned; the daemon stores it with one store.
+        Some(w) => unsafe { core::ptr::read_volatile(w) },
         None => 0,
     };
-    let pgen = (epoch & 1) as u8;
-    let probe = match CONFIG.get(config::PROBE + u32::from(pgen)) {
-        Some(&p) => p,
-        None => 0,
-    };
+    let (epoch, probe_v4, probe_v6) = config::parts(word);
     View {
         epoch,
-        pgen,
-        probe_v4: probe as u8,
-        probe_v6: (probe >> 8) as u8,
+        pgen: (epoch & 1) as u8,
+        probe_v4,
+        probe_v6,
     }
 }
 

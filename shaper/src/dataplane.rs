@@ -191,11 +191,7 @@ impl Dataplane {
                 v & !(1 << next)
             }
         })?;
-        self.config_set(
-            config::PROBE + u32::from(next),
-            u32::from(policy.probe_v4) | u32::from(policy.probe_v6) << 8,
-        )?;
-        self.config_set(config::EPOCH, next_epoch)?;
+        self.config_set(config::word(next_epoch, policy.probe_v4, policy.probe_v6))?;
         // Packets that read the old generation finish within microseconds; give them a
         // wide margin before its entries go.
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -317,31 +313,28 @@ impl Dataplane {
 
     /// The policy epoch (0 before the first policy).
     pub fn epoch(&self) -> Result<u32> {
-        let config: Array<&MapData, u32> = Array::try_from(
+        let config: Array<&MapData, u64> = Array::try_from(
             self.ebpf
                 .map(MAP_CONFIG)
                 .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
         )?;
-        Ok(config.get(&config::EPOCH, 0)?)
+        Ok(config::parts(config.get(&0, 0)?).0)
     }
 
-    /// Store `v` in a `CONFIG` slot with one atomic store through the map's memory
-    /// (the map is mmap-able): a map update is a `memcpy`, which a packet reading the
-    /// word at that moment could see half done.
-    fn config_set(&mut self, slot: u32, v: u32) -> Result<()> {
+    /// Store the `CONFIG` word with one atomic store through the map's memory (the map
+    /// is mmap-able): a map update is a `memcpy`, which a packet reading the word at
+    /// that moment could see half done.
+    fn config_set(&mut self, word: u64) -> Result<()> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        use std::sync::atomic::{AtomicU32, Ordering};
-        if slot >= config::SLOTS {
-            return Err(anyhow!("CONFIG has no slot {slot}"));
-        }
+        use std::sync::atomic::{AtomicU64, Ordering};
         let fd = match self.ebpf.map(MAP_CONFIG) {
             Some(aya::maps::Map::Array(m)) => m.fd().as_fd().as_raw_fd(),
             _ => return Err(anyhow!("map {MAP_CONFIG} missing")),
         };
-        // An array's values sit 8 bytes apart (each rounded up to 8), from offset 0.
+        // An array's values start at offset 0 of its memory, page-aligned.
         let len = 4096;
-        // SAFETY: a fresh shared mapping of the map's value area, unmapped below; the
-        // offset is inside it (checked slot, 8 bytes each, far below a page).
+        // SAFETY: a fresh shared mapping of the map's value area, unmapped below; its
+        // first value is the 8-aligned word.
         unsafe {
             let p = libc::mmap(
                 std::ptr::null_mut(),
@@ -355,8 +348,7 @@ impl Dataplane {
                 return Err(std::io::Error::last_os_error())
                     .context("mapping CONFIG (a map made by an older build?)");
             }
-            let cell = &*p.cast::<u8>().add(slot as usize * 8).cast::<AtomicU32>();
-            cell.store(v, Ordering::Release);
+            (*p.cast::<AtomicU64>()).store(word, Ordering::Release);
             libc::munmap(p, len);
         }
         Ok(())

@@ -16,7 +16,7 @@ use shaper_common::{
         GroupKey, GroupState, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES,
         MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES,
         MAP_RULES_V4, MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot,
-        RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter, config,
+        RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
     },
 };
 
@@ -113,7 +113,7 @@ fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
             s(size_of::<RuleEntry>()),
             cap.prefixes,
         ),
-        MAP_CONFIG => (4, 4, config::SLOTS),
+        MAP_CONFIG => (4, 8, 1),
         MAP_RULES => (4, s(size_of::<RuleEntry>()), cap.rules),
         MAP_RULE_IDS => (4, 8, cap.rules),
         MAP_PROTECTED_PORTS => (4, 4, PORTS),
