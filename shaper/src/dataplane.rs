@@ -169,8 +169,9 @@ impl Dataplane {
             .iter()
             .map(|(a, len, e)| (gen_key(next, a), len + GEN_BITS, *e))
             .collect();
-        // Rule ids the new policy uses are either unchanged rules (the same entry) or
-        // ids the active policy does not use: writing them disturbs no packet.
+        // Rule ids the new policy uses are either unchanged rules (the same entry: a
+        // rule's definition is all it holds) or ids the active policy does not use:
+        // writing them disturbs no packet.
         {
             let mut rules: Array<&mut MapData, RuleEntry> = Array::try_from(
                 self.ebpf

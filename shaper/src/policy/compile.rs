@@ -33,7 +33,7 @@ pub struct Compiled {
     /// The probe lengths (see the module doc).
     pub probe_v4: u8,
     pub probe_v6: u8,
-    /// Each rule's entry, for the rule-id table.
+    /// Each rule's entry, for the rule-id table (no flags: those are the tries').
     rules_by_id: Vec<RuleEntry>,
     rules: usize,
 }
@@ -168,10 +168,12 @@ impl Policy {
                 },
             ));
         }
+        // Flags are read from the tries only: without them, a rule defined as before
+        // has the same entry in every policy.
         let rules_by_id: Vec<RuleEntry> = entries
             .iter()
             .take(self.rules.len())
-            .map(|(_, e)| *e)
+            .map(|(_, e)| RuleEntry { flags: 0, ..*e })
             .collect();
         let probe_v4 = probe_len(
             self.rules
