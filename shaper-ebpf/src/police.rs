@@ -169,7 +169,11 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
                 count_rule(rule.rule_id, Outcome::Protected);
                 return Reason::Protected;
             }
-            if rule.flags & rule_flags::NO_CACHE == 0 {
+            // Only rules that keep group state cache: a rule without (allow, rate 0)
+            // never puts entries in the group table, so a flood of new sources under it
+            // cannot push other groups out.
+            let stateful = rule.action != action::ALLOW && rule.interval_ns != 0;
+            if stateful && rule.flags & rule_flags::NO_CACHE == 0 {
                 probe = cache(probe, probe_key, rule.rule_id, v.epoch);
             }
             // The rule-id table holds the same entry (written before the epoch that
