@@ -8,6 +8,10 @@ use shaper::{
 };
 use shaper_common::maps::{BASELINE_PROGRAM_NAME, RuleStats};
 
+/// XDP verdicts as the program returns them (`enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
 /// Fail loudly if this process cannot use BPF: privileged tests never skip.
 pub fn require_bpf() {
     // SAFETY: geteuid has no preconditions.

@@ -5,10 +5,10 @@
 use std::{thread::sleep, time::Duration};
 
 use shaper_common::{Outcome, Reason, maps::wait_bucket};
-use shaper_tests::{packets::syn_v4_isn, progrun::Harness};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+use shaper_tests::{
+    packets::syn_v4_isn,
+    progrun::{Harness, XDP_DROP, XDP_PASS},
+};
 
 const POLICY: &str = r#"
 [[rule]]

@@ -6,10 +6,10 @@ use std::sync::{Mutex, OnceLock};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use shaper_common::{Outcome, Reason};
-use shaper_tests::{packets::*, progrun::Harness};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+use shaper_tests::{
+    packets::*,
+    progrun::{Harness, XDP_DROP, XDP_PASS},
+};
 
 const POLICY: &str = r#"
 [[rule]]

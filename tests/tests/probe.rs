@@ -7,10 +7,10 @@ use shaper_common::{
     Outcome,
     maps::{GroupKey, family},
 };
-use shaper_tests::{packets::syn_v4, progrun::Harness};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+use shaper_tests::{
+    packets::syn_v4,
+    progrun::{Harness, XDP_DROP, XDP_PASS},
+};
 
 /// One attempt per /24 a minute from 198.18.0.0/15, except a protected host and a /28
 /// whose hosts each have a budget; both lie inside /24 blocks of the wide rule.
