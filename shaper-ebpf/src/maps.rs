@@ -10,7 +10,7 @@ use shaper_common::{
     Reason,
     maps::{
         GroupKey, GroupState, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PORTS, PROBE_SLOTS,
-        PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter, config,
+        PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
     },
 };
 

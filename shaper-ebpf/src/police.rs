@@ -461,6 +461,10 @@ fn group_state(
             None => {
                 // Another CPU may insert the same key first: NOEXIST keeps its state,
                 // and the second lookup finds whichever won.
+                #[expect(
+                    clippy::needless_borrows_for_generic_args,
+                    reason = "by value, the 112-byte template would be copied to the stack"
+                )]
                 let _ = GROUPS.insert(key.key(), &NEW_GROUP, u64::from(BPF_NOEXIST));
                 GROUPS.get_ptr_mut(key.key())?
             }
@@ -521,7 +525,7 @@ fn defer(
     let now = exact_clock(unsafe { bpf_jiffies64() });
     // SAFETY: points into the live GROUPS value; CPUs may race on these fields, which
     // only shifts the order (the budget word is updated by compare-and-swap).
-    let line: &mut LineState = unsafe { &mut *(&raw mut (*group).line) };
+    let line: &mut LineState = unsafe { &mut (*group).line };
     // The probe slot and tag of this SYN: not needed for a quiet group's SYN unless it
     // is deferred (then it has to prove itself).
     let probe = || {
@@ -595,7 +599,7 @@ fn defer(
                         rule_id: rule.rule_id,
                         first_seen_ns,
                     };
-                    let _ = WAITERS.insert(key, &w, 0);
+                    let _ = WAITERS.insert(key, w, 0);
                 }
             }
             count_rule(rule.rule_id, Outcome::Deferred);

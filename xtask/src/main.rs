@@ -76,7 +76,10 @@ fn main() -> Result<()> {
                 &[("SHAPER_BIN", &bin.to_string_lossy())],
             )
         }
-        Task::Lint => lint(),
+        Task::Lint => {
+            setup::setup()?;
+            lint()
+        }
     }
 }
 
@@ -138,5 +141,35 @@ fn lint() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ])
+    ])?;
+    // The XDP program: its own target and toolchain (what aya-build uses to build it).
+    let root = workspace_root();
+    let args = [
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "../target/ebpf-clippy",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    let status = Command::new("rustup")
+        .args(args)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .current_dir(root.join("shaper-ebpf"))
+        .status()
+        .context("running rustup run nightly cargo clippy (shaper-ebpf)")?;
+    if !status.success() {
+        bail!("clippy of shaper-ebpf failed ({status})");
+    }
+    Ok(())
 }
