@@ -1,5 +1,7 @@
-//! The policer: look up the most specific rule, honour protection, then take from the
-//! group's (and the rule's ceiling) budget with the shared admission logic.
+//! The policer: find the most specific rule (from the source block's cached entry, or
+//! the rule tries), honour protection, then take from the group's (and the rule's
+//! ceiling) budget with the shared admission logic: refusals surely over budget on the
+//! tick clock, everything else on the exact clock.
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_cxchg},
