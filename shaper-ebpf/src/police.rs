@@ -300,30 +300,16 @@ fn port_protected(port: u16, pgen: u8) -> bool {
 /// 16 address bytes as four native-endian words, in memory order.
 #[inline(always)]
 fn words(a: [u8; 16]) -> [u32; 4] {
-    let [
-        a0,
-        a1,
-        a2,
-        a3,
-        a4,
-        a5,
-        a6,
-        a7,
-        a8,
-        a9,
-        a10,
-        a11,
-        a12,
-        a13,
-        a14,
-        a15,
-    ] = a;
-    [
-        u32::from_ne_bytes([a0, a1, a2, a3]),
-        u32::from_ne_bytes([a4, a5, a6, a7]),
-        u32::from_ne_bytes([a8, a9, a10, a11]),
-        u32::from_ne_bytes([a12, a13, a14, a15]),
-    ]
+    match a.as_chunks::<4>().0 {
+        [c0, c1, c2, c3] => [
+            u32::from_ne_bytes(*c0),
+            u32::from_ne_bytes(*c1),
+            u32::from_ne_bytes(*c2),
+            u32::from_ne_bytes(*c3),
+        ],
+        // Unreachable: sixteen bytes are four chunks of four.
+        _ => [0; 4],
+    }
 }
 
 /// An LPM key on the stack, 8-aligned and written with volatile word stores: the build
