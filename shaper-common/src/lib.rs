@@ -15,6 +15,7 @@ pub mod jiffies;
 pub mod line;
 pub mod maps;
 pub mod reason;
+pub mod table;
 
 pub use budget::{Budget, Take, TatCell, Verdict, admit, admit_two_clocks};
 pub use group::{group_v4, group_v6};

@@ -18,7 +18,8 @@ pub const MAP_RULES_V6: &str = "RULES_V6";
 /// Array indexed by TCP destination port → `u32`, bit G set if the port is protected in
 /// policy generation G. Written by the daemon.
 pub const MAP_PROTECTED_PORTS: &str = "PROTECTED_PORTS";
-/// LRU hash: [`GroupKey`] → [`GroupState`]. Written by the program.
+/// Array of [`GroupSlot`]: the group table (`crate::table`), a power of two of slots,
+/// mmap-able so the daemon scans it through memory. Written by the program.
 pub const MAP_GROUPS: &str = "GROUPS";
 /// Array indexed by rule id → [`RuleBudget`] (the rule's ceiling). Written by the program,
 /// reset by the daemon when a rule id is (re)assigned.
@@ -37,8 +38,9 @@ pub const MAP_PROBES: &str = "PROBES";
 pub const MAX_RULES: u32 = 4096;
 /// Default capacity of the rule tries (rules plus protected prefixes).
 pub const MAX_PREFIXES: u32 = 8192;
-/// Default number of groups tracked at once (LRU). An evicted group starts again with a
-/// full burst; the rule's `ceiling` bounds what that can add.
+/// Default number of group table slots (a power of two; the loader rounds a capacity
+/// up to one). Idle groups give their slots up; a group evicted from a full window
+/// starts again with a full burst, and the rule's `ceiling` bounds what that can add.
 pub const MAX_GROUPS: u32 = 131_072;
 /// Default number of clients waiting in line, all groups together (LRU).
 pub const MAX_WAITERS: u32 = 65_536;
@@ -108,14 +110,27 @@ pub fn key_generation(data: &[u8]) -> Option<u8> {
     }
 }
 
-/// Array of one `u64` ([`config`]): the policy epoch and its probe lengths, one word
-/// the daemon stores atomically (through the map's memory) and a packet reads once.
+/// Array of one [`Config`]: the policy epoch and its probe lengths, one word the daemon
+/// stores atomically (through the map's memory) and a packet reads once, and the group
+/// table's hash seed.
 /// The daemon writes a new policy under the other generation (the epoch's parity),
 /// then stores the next epoch: a packet sees one whole policy, never a mix.
 pub const MAP_CONFIG: &str = "CONFIG";
 /// Array indexed by rule id → [`RuleEntry`]: what a group's cached rule id stands for.
 /// Written by the daemon before the epoch that uses it begins.
 pub const MAP_RULES: &str = "RULES";
+
+/// The value of `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The [`config`] word.
+    pub word: u64,
+    /// The group table's hash seed: random, written once when the map is made (before
+    /// the program runs on it), kept with the pinned table it hashes.
+    pub seed: u64,
+}
+const _: () = assert!(size_of::<Config>() == 16);
 
 /// The `CONFIG` word.
 pub mod config {
@@ -192,7 +207,7 @@ impl RuleEntry {
 ///
 /// The table holds two kinds of entries under such keys: groups (`len` is their rule's
 /// group length) and probe entries (`len` is the family's probe length, see
-/// `config::PROBE`), which cache the rule of every source in their block so that a known
+/// [`config`]), which cache the rule of every source in their block so that a known
 /// block's attempts skip the rule tries. When a rule's group length is the probe length,
 /// one entry is both.
 #[repr(C)]
@@ -226,6 +241,22 @@ pub struct GroupState {
     pub line: crate::line::LineState,
 }
 const _: () = assert!(size_of::<GroupState>() == 112);
+
+/// One slot of the group table (`crate::table`): its tag (what it holds), the key, the
+/// insert lock of the window starting here, and the group's state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupSlot {
+    /// 0: empty; else the key's fingerprint, whether it is being written, and the
+    /// slot's version (`crate::table`).
+    pub tag: u64,
+    /// 0: free; else the jiffies (`| 1`) of the CPU inserting a key whose home this is.
+    pub lock: u64,
+    pub key: GroupKey,
+    pub _pad: u32,
+    pub state: GroupState,
+}
+const _: () = assert!(size_of::<GroupSlot>() == 152 && align_of::<GroupSlot>() == 8);
 
 /// Address family of a [`WaitKey`].
 pub mod family {
@@ -348,6 +379,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleEntry {}
     unsafe impl aya::Pod for super::GroupKey {}
     unsafe impl aya::Pod for super::GroupState {}
+    unsafe impl aya::Pod for super::GroupSlot {}
+    unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RuleBudget {}
     unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::WaitKey {}
