@@ -16,6 +16,7 @@ mod maps;
 mod parse;
 mod police;
 mod stats;
+mod table;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use shaper_common::Reason;

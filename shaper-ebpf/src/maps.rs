@@ -9,7 +9,7 @@ use aya_ebpf::{
 use shaper_common::{
     Reason,
     maps::{
-        GroupKey, GroupState, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PORTS, PROBE_SLOTS,
+        Config, GroupSlot, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PORTS, PROBE_SLOTS,
         PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
     },
 };
@@ -28,10 +28,12 @@ pub static RULES_V6: LpmTrie<PrefixV6, RuleEntry> = LpmTrie::with_max_entries(MA
 #[map]
 pub static PROTECTED_PORTS: Array<u32> = Array::with_max_entries(PORTS, 0);
 
-/// (rule, masked source) → the group's shared budget word. Written by the program from
-/// every CPU (compare-and-swap); LRU-bounded.
+/// The group table (`shaper_common::table`): slots of (masked source, length) → the
+/// group's state, budget word updated by compare-and-swap from every CPU. The loader
+/// sizes it (a power of two) and sets the program's mask to match; mmap-able, so the
+/// daemon scans it through memory.
 #[map]
-pub static GROUPS: LruHashMap<GroupKey, GroupState> = LruHashMap::with_max_entries(MAX_GROUPS, 0);
+pub static GROUPS: Array<GroupSlot> = Array::with_max_entries(MAX_GROUPS, BPF_F_MMAPABLE);
 
 /// Rule id → the rule's ceiling budget word. Written by the program (compare-and-swap).
 #[map]
@@ -54,11 +56,11 @@ pub static WAITERS: LruHashMap<WaitKey, Waiter> = LruHashMap::with_max_entries(M
 #[map]
 pub static PROBES: Array<ProbeSlot> = Array::with_max_entries(PROBE_SLOTS, 0);
 
-/// The policy epoch and its probe lengths, one word (`shaper_common::maps::config`).
-/// Written by the daemon with an atomic store through the map's memory (hence
-/// mmap-able).
+/// The policy epoch and its probe lengths, one word (`shaper_common::maps::config`),
+/// and the group table's seed. Written by the daemon with atomic stores through the
+/// map's memory (hence mmap-able).
 #[map]
-pub static CONFIG: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Rule id → the rule: what a probe entry's cached rule id stands for. Written by the
 /// daemon.

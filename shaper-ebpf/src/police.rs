@@ -9,7 +9,6 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
     maps::lpm_trie::Key,
     programs::XdpContext,
@@ -19,17 +18,16 @@ use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit_two_clocks, group_v4, group_v6, jiffies,
     line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
     maps::{
-        GEN_BITS, GroupKey, GroupState, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleEntry,
-        UNOWNED, WaitKey, Waiter, action, config, family, rule_flags,
+        GEN_BITS, GroupState, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleEntry, UNOWNED,
+        WaitKey, Waiter, action, config, family, rule_flags,
     },
 };
 
 use crate::{
-    maps::{
-        CONFIG, GROUPS, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES, RULES_V4, RULES_V6, WAITERS,
-    },
+    maps::{CONFIG, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES, RULES_V4, RULES_V6, WAITERS},
     parse::{Addr, Attempt, Source},
     stats::{count_rule, count_wait},
+    table::{self, Found, Gk},
 };
 
 /// How far the kernel's coarse clock may read behind the exact one, in ns. The loader
@@ -106,20 +104,27 @@ impl TatCell for MapCell {
 }
 
 /// The policy a packet sees, read once: its epoch (whose parity is the generation of
-/// the rule tries' keys) and that generation's probe lengths.
+/// the rule tries' keys), that generation's probe lengths, and the group table's seed.
 struct View {
     epoch: u32,
     pgen: u8,
     probe_v4: u8,
     probe_v6: u8,
+    seed: u64,
 }
 
 #[inline(always)]
 fn view() -> View {
-    let word = match CONFIG.get(0) {
-        // SAFETY: a live map value, 8-aligned; the daemon stores it with one store.
-        Some(w) => unsafe { core::ptr::read_volatile(w) },
-        None => 0,
+    let (word, seed) = match CONFIG.get_ptr(0) {
+        // SAFETY: a live map value, 8-aligned; the daemon stores the word with one
+        // store, and the seed once, before the program runs on the map.
+        Some(c) => unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*c).word),
+                core::ptr::read_volatile(&raw const (*c).seed),
+            )
+        },
+        None => (0, 0),
     };
     let (epoch, probe_v4, probe_v6) = config::parts(word);
     View {
@@ -127,6 +132,7 @@ fn view() -> View {
         pgen: (epoch & 1) as u8,
         probe_v4,
         probe_v6,
+        seed,
     }
 }
 
@@ -143,23 +149,10 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
         Source::V4(Addr(a)) => (family::V4, v4_key(a), v.probe_v4),
         Source::V6(Addr(a)) => (family::V6, a, v.probe_v6),
     };
-    let probe_key = group_key(family, addr, probe_len);
-    // SAFETY: the key is initialised (all of it, by `group_key`).
-    let probe_key = unsafe { probe_key.assume_init_ref() };
-    let mut probe = GROUPS.get_ptr_mut(probe_key.key());
-    let rule = match probe {
-        // SAFETY: a live GROUPS value; the epoch word is written whole.
-        Some(p)
-            if v.epoch != 0
-                && unsafe { core::ptr::read_volatile(&raw const (*p).epoch) } == v.epoch =>
-        {
-            // SAFETY: as above.
-            match RULES.get(unsafe { (*p).rule_id }) {
-                Some(r) => r,
-                None => return Reason::NoRule,
-            }
-        }
-        _ => {
+    let mut key = group_key(family, addr, probe_len, v.seed);
+    let mut probe = table::find(&key);
+    let rule_id = match cached_rule(probe, v.epoch) {
+        UNOWNED => {
             let found = match attempt.source {
                 Source::V4(Addr(a)) => rule_v4(v.pgen, a),
                 Source::V6(Addr(a)) => rule_v6(v.pgen, a),
@@ -176,16 +169,17 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
             // cannot push other groups out.
             let stateful = rule.action != action::ALLOW && rule.interval_ns != 0;
             if stateful && rule.flags & rule_flags::NO_CACHE == 0 {
-                probe = cache(probe, probe_key, rule.rule_id, v.epoch);
+                probe = cache(probe, &key, rule.rule_id, v.epoch);
             }
-            // The rule-id table holds the same entry (written before the epoch that
-            // uses it). Both paths then go on with a pointer into the same map, and the
-            // verifier checks what follows once for both.
-            match RULES.get(rule.rule_id) {
-                Some(r) => r,
-                None => return Reason::NoRule,
-            }
+            rule.rule_id
         }
+        id => id,
+    };
+    // The rule-id table holds the trie's entry too (written before the epoch that uses
+    // it): both paths go on with a pointer into the same map, and the verifier checks
+    // what follows once for both.
+    let Some(rule) = RULES.get(rule_id) else {
+        return Reason::NoRule;
     };
     if port_protected(attempt.dport, v.pgen) {
         count_rule(rule.rule_id, Outcome::Protected);
@@ -197,14 +191,17 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
     }
     // The group's state, unless the rule has no budget at all (rate 0).
     let group = if rule.interval_ns == 0 {
-        None
+        Found::NONE
     } else if rule.group_len == probe_len {
-        group_state(probe, probe_key, rule.rule_id)
+        group_state(probe, &key, rule.rule_id)
     } else {
-        let key = group_key(family, addr, rule.group_len);
-        // SAFETY: initialised by `group_key`.
-        group_state(None, unsafe { key.assume_init_ref() }, rule.rule_id)
+        // The probe key is done with: its stack slot takes the group's key (the frame
+        // stays within what the call to `defer` leaves).
+        // The seed read again rather than kept across the rule lookup (a spill).
+        key = group_key(family, addr, rule.group_len, view().seed);
+        group_state(Found::NONE, &key, rule.rule_id)
     };
+    let group = group.state();
     if rule.action == action::DEFER && rule.interval_ns != 0 {
         // Null when the group table had no room (five arguments at most on BPF).
         let d = defer(ctx, attempt, rule, group.unwrap_or(core::ptr::null_mut()));
@@ -234,56 +231,66 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
     }
 }
 
-/// The group table's key for `addr` masked to `len` bits, written with volatile word
-/// stores into an 8-aligned buffer (see [`LpmKey`]).
+/// The rule a probe entry names for its block in `epoch`, if it was stamped in it;
+/// else [`UNOWNED`] (a word, not an `Option`: the verifier refuses the undefined
+/// payload of a `None` the compiler would keep in a register).
 #[inline(always)]
-fn group_key(family: u8, addr: [u8; 16], len: u8) -> MaybeUninit<GroupKeyBuf> {
+fn cached_rule(f: Found, epoch: u32) -> u32 {
+    let Some(p) = f.state() else {
+        return UNOWNED;
+    };
+    // SAFETY: a live GROUPS value; the epoch and rule id words are written whole.
+    let (stamp, rule_id) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*p).epoch),
+            core::ptr::read_volatile(&raw const (*p).rule_id),
+        )
+    };
+    // The tag again: the slot still holds the block (not reclaimed while read).
+    if epoch != 0 && stamp == epoch && f.still() {
+        rule_id
+    } else {
+        UNOWNED
+    }
+}
+
+/// The group table key for `addr` masked to `len` bits, as words, with its hash.
+#[inline(always)]
+fn group_key(family: u8, addr: [u8; 16], len: u8, seed: u64) -> Gk {
     let masked = if family == family::V4 {
         let [a0, a1, a2, a3, ..] = addr;
         v4_key(group_v4([a0, a1, a2, a3], len))
     } else {
         group_v6(addr, len)
     };
-    let [w0, w1, w2, w3] = words(masked);
-    let mut key = MaybeUninit::<GroupKeyBuf>::uninit();
-    let w = key.as_mut_ptr().cast::<u32>();
-    // SAFETY: five aligned words cover the 20-byte key.
-    unsafe {
-        w.write_volatile(u32::from_ne_bytes([family, len, 0, 0]));
-        w.add(1).write_volatile(w0);
-        w.add(2).write_volatile(w1);
-        w.add(3).write_volatile(w2);
-        w.add(4).write_volatile(w3);
-    }
-    key
-}
-
-/// A [`GroupKey`] on the stack, 8-aligned.
-#[repr(C, align(8))]
-struct GroupKeyBuf(GroupKey);
-
-impl GroupKeyBuf {
-    #[inline(always)]
-    fn key(&self) -> &GroupKey {
-        &self.0
+    let [w1, w2, w3, w4] = words(masked);
+    let w = [u32::from_ne_bytes([family, len, 0, 0]), w1, w2, w3, w4];
+    Gk {
+        w,
+        hash: shaper_common::table::hash(w, seed),
     }
 }
 
 /// Remember that every source of the probe block is under `rule_id` in `epoch`: the
-/// block's probe entry (created if need be) is claimed for the rule, then stamped.
+/// block's probe entry (placed if need be) is claimed for the rule, then stamped.
 /// Returns the entry.
 #[inline(always)]
-fn cache(
-    probe: Option<*mut GroupState>,
-    key: &GroupKeyBuf,
-    rule_id: u32,
-    epoch: u32,
-) -> Option<*mut GroupState> {
-    let p = group_state(probe, key, rule_id)?;
+fn cache(probe: Found, key: &Gk, rule_id: u32, epoch: u32) -> Found {
+    let f = group_state(probe, key, rule_id);
+    let Some(p) = f.state() else {
+        return Found::NONE;
+    };
     // SAFETY: a live GROUPS value. Written after the rule id: a CPU that reads this
     // epoch reads the rule id it stands for.
     unsafe { core::ptr::write_volatile(&raw mut (*p).epoch, epoch) };
-    Some(p)
+    if !f.still() {
+        // The slot went to another key meanwhile: take the stamp back, or that key's
+        // block would be read as under this rule.
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*p).epoch, 0) };
+        return Found::NONE;
+    }
+    f
 }
 
 #[inline(always)]
@@ -418,7 +425,7 @@ fn admit_budget(
 }
 
 /// A new group's state: full budget, empty line. In global data, not on the stack.
-static NEW_GROUP: GroupState = GroupState {
+pub(crate) static NEW_GROUP: GroupState = GroupState {
     tat_ns: 0,
     rule_id: UNOWNED,
     epoch: 0,
@@ -433,30 +440,18 @@ static NEW_GROUP: GroupState = GroupState {
     },
 };
 
-/// The state under `key` (`known` if the caller looked it up already), created on its
-/// first attempt, owned by `rule_id`: an entry another rule owned (under an older
-/// policy) starts again with a full budget and an empty line.
+/// The slot of `key` (`known` if the caller found it already), placed on its first
+/// attempt, owned by `rule_id`: an entry another rule owned (under an older policy)
+/// starts again with a full budget and an empty line.
 #[inline(always)]
-fn group_state(
-    known: Option<*mut GroupState>,
-    key: &GroupKeyBuf,
-    rule_id: u32,
-) -> Option<*mut GroupState> {
-    let p = match known {
-        Some(p) => p,
-        None => match GROUPS.get_ptr_mut(key.key()) {
-            Some(p) => p,
-            None => {
-                // Another CPU may insert the same key first: NOEXIST keeps its state,
-                // and the second lookup finds whichever won.
-                #[expect(
-                    clippy::needless_borrows_for_generic_args,
-                    reason = "by value, the 112-byte template would be copied to the stack"
-                )]
-                let _ = GROUPS.insert(key.key(), &NEW_GROUP, u64::from(BPF_NOEXIST));
-                GROUPS.get_ptr_mut(key.key())?
-            }
-        },
+fn group_state(known: Found, key: &Gk, rule_id: u32) -> Found {
+    let f = if known.state().is_some() {
+        known
+    } else {
+        table::find_or_insert(key)
+    };
+    let Some(p) = f.state() else {
+        return Found::NONE;
     };
     // SAFETY: a live GROUPS value.
     let owner = unsafe { core::ptr::read_volatile(&raw const (*p).rule_id) };
@@ -469,7 +464,7 @@ fn group_state(
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(&raw mut (*p).rule_id, rule_id) };
     }
-    Some(p)
+    f
 }
 
 /// Give a group its new state back (a function of its own: rare, and its copy is long).

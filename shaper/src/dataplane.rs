@@ -10,13 +10,16 @@ use aya::{
     programs::Xdp,
 };
 use shaper_common::maps::{
-    GEN_BITS, MAP_CONFIG, MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS,
-    MAP_RULES, MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS,
-    PROGRAM_NAME, PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats, config, gen_key,
-    key_generation,
+    Config, GEN_BITS, MAP_CONFIG, MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS,
+    MAP_RULE_STATS, MAP_RULES, MAP_RULES_V4, MAP_RULES_V6, MAX_GROUPS, MAX_PREFIXES, MAX_RULES,
+    MAX_WAITERS, PROGRAM_NAME, PrefixV4, PrefixV6, RuleBudget, RuleEntry, RuleStats, config,
+    gen_key, key_generation,
 };
 
-use crate::policy::Compiled;
+use crate::{mapmem::MapMemory, policy::Compiled};
+
+/// Byte offset of the seed in the `CONFIG` value.
+const SEED_OFFSET: usize = std::mem::offset_of!(Config, seed);
 
 /// Map sizes fixed at load time.
 #[derive(Clone, Copy, Debug)]
@@ -25,7 +28,7 @@ pub struct Capacity {
     pub rules: u32,
     /// Entries of each rule trie (rules plus protected prefixes).
     pub prefixes: u32,
-    /// Groups tracked at once (LRU).
+    /// Group table slots (rounded up to a power of two at load).
     pub groups: u32,
     /// Clients waiting in line, all `defer` groups together (LRU).
     pub waiters: u32,
@@ -83,6 +86,16 @@ impl Dataplane {
         build: Option<u32>,
     ) -> Result<Dataplane> {
         raise_memlock();
+        // The group table's slots: a power of two (the program masks its hash), at
+        // least a window.
+        let capacity = Capacity {
+            groups: capacity
+                .groups
+                .max(shaper_common::table::WINDOW)
+                .checked_next_power_of_two()
+                .ok_or_else(|| anyhow!("group capacity {} is too large", capacity.groups))?,
+            ..capacity
+        };
         let mut loader = EbpfLoader::new();
         let build_value = build.unwrap_or(1);
         if build.is_some() {
@@ -96,6 +109,8 @@ impl Dataplane {
         // Without it the program never decides on the coarse clock.
         let tick = tick_ns().unwrap_or(0);
         loader.override_global("SHAPER_TICK_NS", &tick, true);
+        let mask = capacity.groups - 1;
+        loader.override_global("SHAPER_GROUP_MASK", &mask, true);
         loader
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)
@@ -121,7 +136,31 @@ impl Dataplane {
                 verifier_hint(&e)
             )
         })?;
-        Ok(Dataplane { ebpf, capacity })
+        let dp = Dataplane { ebpf, capacity };
+        dp.seed_groups()?;
+        Ok(dp)
+    }
+
+    /// Give the group table its hash seed when the table is new (adopted pins keep
+    /// theirs: their groups are placed by it). Before the program runs on the maps.
+    fn seed_groups(&self) -> Result<()> {
+        let config = MapMemory::new(&self.ebpf, MAP_CONFIG)?;
+        let seed = config
+            .word(0, SEED_OFFSET)
+            .ok_or_else(|| anyhow!("map {MAP_CONFIG} has no seed"))?;
+        if seed.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            let mut b = [0u8; 8];
+            // SAFETY: `b` is valid for 8 bytes of output.
+            let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+            if n != 8 {
+                return Err(std::io::Error::last_os_error()).context("getrandom");
+            }
+            seed.store(
+                u64::from_ne_bytes(b) | 1,
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        Ok(())
     }
 
     /// Instructions the verifier processed to accept the program (its complexity: it
@@ -259,22 +298,23 @@ impl Dataplane {
     /// Clear everything kept under rule ids about to be given to new rules: counters,
     /// ceiling, groups, waiting clients.
     fn forget_rules(&mut self, ids: &[u32]) -> Result<()> {
-        use shaper_common::maps::{GroupKey, GroupState, MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
+        use shaper_common::maps::{GroupSlot, MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
+        use shaper_common::table;
+        use std::sync::atomic::Ordering;
         if ids.is_empty() {
             return Ok(());
         }
         self.reset_rules(ids.iter().copied())?;
         let set: HashSet<u32> = ids.iter().copied().collect();
-        if let Some(m) = self.ebpf.map_mut(MAP_GROUPS) {
-            let mut groups = aya::maps::HashMap::<_, GroupKey, GroupState>::try_from(m)?;
-            let stale: Vec<GroupKey> = groups
-                .iter()
-                .filter_map(|kv| kv.ok())
-                .filter(|(_, g)| set.contains(&g.rule_id))
-                .map(|(k, _)| k)
-                .collect();
-            for k in stale {
-                let _ = groups.remove(&k);
+        // Emptied by compare-and-swap of the tag seen: a slot the program placed
+        // another key in meanwhile stays.
+        let groups = MapMemory::new(&self.ebpf, MAP_GROUPS)?;
+        for i in 0..groups.entries() {
+            let (Some(slot), Some(tag)) = (groups.read::<GroupSlot>(i), groups.word(i, 0)) else {
+                continue;
+            };
+            if table::ready(slot.tag) && set.contains(&slot.state.rule_id) {
+                let _ = tag.compare_exchange(slot.tag, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
         if let Some(m) = self.ebpf.map_mut(MAP_WAITERS) {
@@ -292,19 +332,22 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every tracked group and its state.
+    /// Every group (and probe entry) in the table, with its state.
     pub fn groups(
         &self,
     ) -> Vec<(
         shaper_common::maps::GroupKey,
         shaper_common::maps::GroupState,
     )> {
-        use shaper_common::maps::{GroupKey, GroupState, MAP_GROUPS};
-        self.ebpf
-            .map(MAP_GROUPS)
-            .and_then(|m| aya::maps::HashMap::<_, GroupKey, GroupState>::try_from(m).ok())
-            .map(|h| h.iter().filter_map(|kv| kv.ok()).collect())
-            .unwrap_or_default()
+        use shaper_common::maps::{GroupSlot, MAP_GROUPS};
+        let Ok(groups) = MapMemory::new(&self.ebpf, MAP_GROUPS) else {
+            return Vec::new();
+        };
+        (0..groups.entries())
+            .filter_map(|i| groups.read::<GroupSlot>(i))
+            .filter(|s| shaper_common::table::ready(s.tag))
+            .map(|s| (s.key, s.state))
+            .collect()
     }
 
     /// The active policy generation (0 or 1): the epoch's parity.
@@ -314,45 +357,19 @@ impl Dataplane {
 
     /// The policy epoch (0 before the first policy).
     pub fn epoch(&self) -> Result<u32> {
-        let config: Array<&MapData, u64> = Array::try_from(
+        let config: Array<&MapData, Config> = Array::try_from(
             self.ebpf
                 .map(MAP_CONFIG)
                 .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
         )?;
-        Ok(config::parts(config.get(&0, 0)?).0)
+        Ok(config::parts(config.get(&0, 0)?.word).0)
     }
 
     /// Store the `CONFIG` word with one atomic store through the map's memory (the map
     /// is mmap-able): a map update is a `memcpy`, which a packet reading the word at
     /// that moment could see half done.
     fn config_set(&mut self, word: u64) -> Result<()> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        use std::sync::atomic::{AtomicU64, Ordering};
-        let fd = match self.ebpf.map(MAP_CONFIG) {
-            Some(aya::maps::Map::Array(m)) => m.fd().as_fd().as_raw_fd(),
-            _ => return Err(anyhow!("map {MAP_CONFIG} missing")),
-        };
-        // An array's values start at offset 0 of its memory, page-aligned.
-        let len = 4096;
-        // SAFETY: a fresh shared mapping of the map's value area, unmapped below; its
-        // first value is the 8-aligned word.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error())
-                    .context("mapping CONFIG (a map made by an older build?)");
-            }
-            (*p.cast::<AtomicU64>()).store(word, Ordering::Release);
-            libc::munmap(p, len);
-        }
-        Ok(())
+        MapMemory::new(&self.ebpf, MAP_CONFIG)?.store(0, 0, word)
     }
 
     /// Rewrite each port's generation bits with `f(port, bits)`, writing only changes.
@@ -400,12 +417,8 @@ impl Dataplane {
 
     /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters.
     pub fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
-        use shaper_common::maps::{GroupKey, GroupState, MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
-        let groups = self.ebpf.map(MAP_GROUPS).and_then(|m| {
-            aya::maps::HashMap::<_, GroupKey, GroupState>::try_from(m)
-                .ok()
-                .map(|h| h.keys().count() as u64)
-        });
+        use shaper_common::maps::{MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
+        let groups = self.groups().len() as u64;
         let waiters = self.ebpf.map(MAP_WAITERS).and_then(|m| {
             aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
                 .ok()
@@ -435,7 +448,7 @@ impl Dataplane {
                 trie(MAP_RULES_V6).unwrap_or(0),
                 u64::from(c.prefixes),
             ),
-            (MAP_GROUPS, groups.unwrap_or(0), u64::from(c.groups)),
+            (MAP_GROUPS, groups, u64::from(c.groups)),
             (MAP_WAITERS, waiters.unwrap_or(0), u64::from(c.waiters)),
         ]
     }

@@ -6,6 +6,7 @@ pub mod bpfsys;
 pub mod control;
 pub mod counters;
 pub mod dataplane;
+pub mod mapmem;
 pub mod pins;
 pub mod policy;
 

@@ -13,7 +13,7 @@ use aya::maps::MapData;
 use shaper_common::{
     Reason,
     maps::{
-        GroupKey, GroupState, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES,
+        Config, GroupSlot, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES,
         MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES,
         MAP_RULES_V4, MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot,
         RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
@@ -113,15 +113,11 @@ fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
             s(size_of::<RuleEntry>()),
             cap.prefixes,
         ),
-        MAP_CONFIG => (4, 8, 1),
+        MAP_CONFIG => (4, s(size_of::<Config>()), 1),
         MAP_RULES => (4, s(size_of::<RuleEntry>()), cap.rules),
         MAP_RULE_IDS => (4, 8, cap.rules),
         MAP_PROTECTED_PORTS => (4, 4, PORTS),
-        MAP_GROUPS => (
-            s(size_of::<GroupKey>()),
-            s(size_of::<GroupState>()),
-            cap.groups,
-        ),
+        MAP_GROUPS => (4, s(size_of::<GroupSlot>()), cap.groups),
         MAP_RULE_BUDGETS => (4, s(size_of::<RuleBudget>()), cap.rules),
         MAP_RULE_STATS => (4, s(size_of::<RuleStats>()), cap.rules),
         MAP_GLOBAL_STATS => (4, 8, Reason::COUNT),
@@ -156,8 +152,8 @@ pub fn check_layout(dir: &Path, cap: &Capacity) -> Result<()> {
                 found.2
             );
         }
-        // CONFIG is written through its memory: it must be mmap-able.
-        if name == MAP_CONFIG && info.map_flags() & BPF_F_MMAPABLE == 0 {
+        // CONFIG and GROUPS are used through their memory: they must be mmap-able.
+        if (name == MAP_CONFIG || name == MAP_GROUPS) && info.map_flags() & BPF_F_MMAPABLE == 0 {
             bail!(
                 "pinned map {} does not match this shaper build (not mmap-able): it was \
                  made by another version. Refusing to reuse it. `shaper detach` removes the \
