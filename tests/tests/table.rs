@@ -1,0 +1,160 @@
+//! The group table, in the real program (BPF_PROG_TEST_RUN), made so small (one window
+//! of four slots) that every group competes for the same slots: groups keep budgets of
+//! their own, a busy group keeps its slot while an idle one can be reclaimed, and a
+//! full window still gives a new group a budget.
+
+use std::{thread::sleep, time::Duration};
+
+use shaper::dataplane::Capacity;
+use shaper_common::{
+    Outcome,
+    maps::{GroupKey, family},
+    table::{IDLE_NS, WINDOW},
+};
+use shaper_tests::{
+    packets::syn_v4,
+    progrun::{Harness, XDP_DROP, XDP_PASS},
+};
+
+/// Slow /24s (one attempt a minute) and fast ones (idle a millisecond after an attempt).
+const POLICY: &str = r#"
+[[rule]]
+name = "slow"
+prefix = "198.18.0.0/16"
+rate = "1/min"
+burst = 1
+action = "drop"
+
+[[rule]]
+name = "fast"
+prefix = "198.19.0.0/16"
+rate = "1000/s"
+burst = 1
+action = "drop"
+"#;
+
+fn verdict(h: &mut Harness, src: [u8; 4]) -> u32 {
+    h.run(&syn_v4(src, 443)).expect("test run").0
+}
+
+fn blocks(h: &Harness) -> Vec<[u8; 3]> {
+    let mut v: Vec<[u8; 3]> =
+        h.dp.groups()
+            .into_iter()
+            .map(|(k, _)| {
+                assert_eq!((k.family, k.len), (family::V4, 24), "{k:?}");
+                [k.addr[0], k.addr[1], k.addr[2]]
+            })
+            .collect();
+    v.sort();
+    v
+}
+
+fn one_window() -> Harness {
+    let h = Harness::with_capacity(
+        POLICY,
+        Capacity {
+            groups: WINDOW,
+            ..Capacity::default()
+        },
+    )
+    .expect("load");
+    assert_eq!(h.dp.capacity.groups, WINDOW);
+    h
+}
+
+#[test]
+fn groups_in_one_window_keep_budgets_of_their_own() {
+    let mut h = one_window();
+    let slow = |i: u8| [198, 18, i, 1];
+    for i in 0..4 {
+        assert_eq!(verdict(&mut h, slow(i)), XDP_PASS, "first of {i}");
+    }
+    for i in 0..4 {
+        assert_eq!(verdict(&mut h, slow(i)), XDP_DROP, "second of {i}");
+    }
+    assert_eq!(
+        blocks(&h),
+        vec![[198, 18, 0], [198, 18, 1], [198, 18, 2], [198, 18, 3]]
+    );
+    let dropped = h.rule("slow").expect("counters").counts[Outcome::Dropped as usize];
+    assert_eq!(dropped, 4);
+}
+
+#[test]
+fn a_busy_group_keeps_its_slot_and_an_idle_one_gives_it_up() {
+    let mut h = one_window();
+    // Two busy groups (their budget spent for a minute), two that go idle.
+    for src in [
+        [198, 18, 1, 1],
+        [198, 18, 2, 1],
+        [198, 19, 1, 1],
+        [198, 19, 2, 1],
+    ] {
+        assert_eq!(verdict(&mut h, src), XDP_PASS, "{src:?}");
+    }
+    sleep(Duration::from_nanos(IDLE_NS) + Duration::from_millis(200));
+    // Two new busy groups: they take the idle groups' slots.
+    for src in [[198, 18, 3, 1], [198, 18, 4, 1]] {
+        assert_eq!(verdict(&mut h, src), XDP_PASS, "{src:?}");
+    }
+    assert_eq!(
+        blocks(&h),
+        vec![[198, 18, 1], [198, 18, 2], [198, 18, 3], [198, 18, 4]]
+    );
+    // The older busy groups kept their state: still nothing for them.
+    for src in [
+        [198, 18, 1, 2],
+        [198, 18, 2, 2],
+        [198, 18, 3, 2],
+        [198, 18, 4, 2],
+    ] {
+        assert_eq!(verdict(&mut h, src), XDP_DROP, "{src:?}");
+    }
+}
+
+#[test]
+fn a_full_window_evicts_the_group_closest_to_idle() {
+    let mut h = one_window();
+    // Four busy groups, the fast one closest to idle (its state a millisecond ahead).
+    for src in [
+        [198, 18, 1, 1],
+        [198, 19, 9, 1],
+        [198, 18, 2, 1],
+        [198, 18, 3, 1],
+    ] {
+        assert_eq!(verdict(&mut h, src), XDP_PASS, "{src:?}");
+    }
+    // A fifth still gets its budget.
+    assert_eq!(verdict(&mut h, [198, 18, 5, 1]), XDP_PASS);
+    assert_eq!(
+        blocks(&h),
+        vec![[198, 18, 1], [198, 18, 2], [198, 18, 3], [198, 18, 5]],
+        "the fast group went"
+    );
+    for src in [
+        [198, 18, 1, 2],
+        [198, 18, 2, 2],
+        [198, 18, 3, 2],
+        [198, 18, 5, 2],
+    ] {
+        assert_eq!(verdict(&mut h, src), XDP_DROP, "{src:?}");
+    }
+}
+
+#[test]
+fn the_daemon_reads_each_group_s_whole_key() {
+    let mut h = one_window();
+    assert_eq!(verdict(&mut h, [198, 18, 7, 1]), XDP_PASS);
+    let g = h.dp.groups();
+    assert_eq!(g.len(), 1);
+    assert_eq!(
+        g[0].0,
+        GroupKey {
+            family: family::V4,
+            len: 24,
+            _pad: [0; 2],
+            addr: [198, 18, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    );
+}
