@@ -1,5 +1,8 @@
-//! The group table (`shaper_common::table`): lookups inlined into the policer, inserts
-//! in a function of their own.
+//! The group table (`shaper_common::table`): a key's home slot is checked inline in the
+//! policer; the rest of its window and inserts are global functions. The verifier
+//! checks a global function once, on its own (its arguments are plain words), where a
+//! static one is checked again on every path of its callers that reaches it: 542,000
+//! instructions processed with them static, 210,000 global.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
@@ -15,7 +18,7 @@ use crate::maps::GROUPS;
 #[unsafe(no_mangle)]
 static SHAPER_GROUP_MASK: u32 = shaper_common::maps::MAX_GROUPS - 1;
 
-/// No slot (what [`insert`] returns when it could not place the key).
+/// No slot (what [`shaper_group_insert`] returns when it could not place the key).
 const NO_SLOT: u32 = u32::MAX;
 
 /// A group key as five words (the family and length word, then the address), and its
@@ -134,7 +137,7 @@ pub fn find(gk: &Gk) -> Found {
         return Found { slot, tag };
     }
     let (a, b, c, h) = gk.args();
-    at(find_far(a, b, c, h), gk)
+    at(shaper_group_find_far(a, b, c, h), gk)
 }
 
 /// The slot `idx`, if it holds `gk`.
@@ -149,9 +152,10 @@ fn at(idx: u32, gk: &Gk) -> Found {
     }
 }
 
-/// The slot of `gk` past its home in its window, or [`NO_SLOT`].
+/// The slot of the key ([`Gk::args`]) past its home in its window, or [`NO_SLOT`].
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn find_far(a: u64, b: u64, c: u64, hash: u64) -> u32 {
+pub extern "C" fn shaper_group_find_far(a: u64, b: u64, c: u64, hash: u64) -> u32 {
     let gk = &Gk::from_args(a, b, c, hash);
     let fp = table::fingerprint(gk.hash);
     let mask = mask();
@@ -179,12 +183,14 @@ pub fn find_or_insert(gk: &Gk) -> Found {
         return f;
     }
     let (a, b, c, h) = gk.args();
-    at(insert(a, b, c, h), gk)
+    at(shaper_group_insert(a, b, c, h), gk)
 }
 
-/// Place `gk` in its window under its home slot's lock; its slot, or [`NO_SLOT`].
+/// Place the key ([`Gk::args`]) in its window under its home slot's lock; its slot, or
+/// [`NO_SLOT`].
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn insert(a: u64, b: u64, c: u64, hash: u64) -> u32 {
+pub extern "C" fn shaper_group_insert(a: u64, b: u64, c: u64, hash: u64) -> u32 {
     let gk = &Gk::from_args(a, b, c, hash);
     let home = gk.hash as u32 & mask();
     let Some(h) = GROUPS.get_ptr_mut(home) else {
@@ -218,7 +224,7 @@ fn insert(a: u64, b: u64, c: u64, hash: u64) -> u32 {
     idx
 }
 
-/// [`insert`] with the home's lock held: a CPU that placed the same key since this one
+/// [`shaper_group_insert`] with the home's lock held: a CPU that placed the same key since this one
 /// looked is found; otherwise the window's [`table::victim`] is claimed by
 /// compare-and-swap of its tag, written and published.
 #[inline(always)]
