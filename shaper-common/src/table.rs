@@ -16,6 +16,13 @@
 //! checks the tag again after using a slot notices it was reclaimed meanwhile. Inserts
 //! of keys with the same home take the home slot's lock, so two CPUs never put one key
 //! in two slots.
+//!
+//! Races, and what they can cost. A CPU that found a slot may still use it while
+//! another CPU reclaims it for a new key (the slot's group was idle, and this attempt
+//! is its first in seconds): the attempt is then charged to the new key's fresh state,
+//! one admission at most, as with an LRU map whose entry is recycled under a reader.
+//! A cached rule is never left on the wrong block: the CPU that stamps a probe entry
+//! checks the slot's tag and owner after the stamp and takes it back if either moved.
 
 /// Slots a key may occupy, from its home slot on.
 pub const WINDOW: u32 = 4;

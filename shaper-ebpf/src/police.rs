@@ -283,9 +283,12 @@ fn cache(probe: Found, key: &Gk, rule_id: u32, epoch: u32) -> Found {
     // SAFETY: a live GROUPS value. Written after the rule id: a CPU that reads this
     // epoch reads the rule id it stands for.
     unsafe { core::ptr::write_volatile(&raw mut (*p).epoch, epoch) };
-    if !f.still() {
-        // The slot went to another key meanwhile: take the stamp back, or that key's
-        // block would be read as under this rule.
+    // SAFETY: as above.
+    let owner = unsafe { core::ptr::read_volatile(&raw const (*p).rule_id) };
+    if owner != rule_id || !f.still() {
+        // The slot went to another key meanwhile (or a CPU that found it before that
+        // wrote its own rule into it): take the stamp back, or a block would be read as
+        // under another rule for the whole epoch.
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(&raw mut (*p).epoch, 0) };
         return Found::NONE;

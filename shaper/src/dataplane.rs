@@ -418,7 +418,15 @@ impl Dataplane {
     /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters.
     pub fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
         use shaper_common::maps::{MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
-        let groups = self.groups().len() as u64;
+        // Slots holding a group (or probe entry): their tags, one word each.
+        let groups = MapMemory::new(&self.ebpf, MAP_GROUPS).map_or(0, |m| {
+            (0..m.entries())
+                .filter_map(|i| m.word(i, 0))
+                .filter(|t| {
+                    shaper_common::table::ready(t.load(std::sync::atomic::Ordering::Relaxed))
+                })
+                .count() as u64
+        });
         let waiters = self.ebpf.map(MAP_WAITERS).and_then(|m| {
             aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
                 .ok()
