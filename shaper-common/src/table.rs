@@ -15,7 +15,8 @@
 //! and a fresh state, and a version above, bumped at every claim, so a reader that
 //! checks the tag again after using a slot notices it was reclaimed meanwhile. Inserts
 //! of keys with the same home take the home slot's lock, so two CPUs never put one key
-//! in two slots.
+//! in two slots: a CPU that finds the home locked refuses that one attempt (its client
+//! retries) rather than place the key beside the other CPU's.
 //!
 //! Races, and what they can cost. A CPU that found a slot may still use it while
 //! another CPU reclaims it for a new key (the slot's group was idle, and this attempt

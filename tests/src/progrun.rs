@@ -74,6 +74,21 @@ impl Harness {
         self.dp.global_counters()
     }
 
+    /// Keep the program in the kernel's XDP dispatcher while the returned namespace
+    /// lives: attached (generic mode) to a veth of a namespace of its own, which carries
+    /// no traffic. Otherwise every BPF_PROG_TEST_RUN puts the program into the
+    /// dispatcher and takes it out again, each an RCU grace period (~8 ms here): a test
+    /// that times a window of runs would find ~1% of it in runs and its ends in grace
+    /// periods, in which a full bucket refills nothing.
+    pub fn keep_in_dispatcher(&mut self) -> Result<crate::netns::Netns> {
+        let ns = crate::netns::Netns::new("dispatch")?;
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])?;
+        let p = self.dp.program()?;
+        ns.run_in(|| p.attach("v0", aya::programs::xdp::XdpMode::Skb))?
+            .context("attaching to the namespace's veth")?;
+        Ok(ns)
+    }
+
     /// Load the bare XDP_PASS baseline from the same object.
     pub fn baseline(&mut self) -> Result<&mut Xdp> {
         let prog: &mut Xdp = self

@@ -4,10 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use aya::programs::xdp::XdpMode;
 use shaper_common::Outcome;
 use shaper_tests::{
-    netns::Netns,
     packets::syn_v4,
     progrun::{Harness, run_prog},
 };
@@ -39,23 +37,6 @@ fn prog(h: &Harness) -> &aya::programs::Xdp {
     }
 }
 
-/// Keep the program in the kernel's XDP dispatcher for the whole test: attached (generic
-/// mode) to a veth of a namespace of its own, which carries no traffic. Otherwise every
-/// BPF_PROG_TEST_RUN puts the program into the dispatcher and takes it out again, each
-/// an RCU grace period (~8 ms here): the runs would fill ~1% of the window, whose two
-/// ends would be grace periods in which a full bucket refills nothing (−1% against
-/// rate·t + burst, from the harness, not the budget). The namespace goes on drop.
-fn in_dispatcher(h: &mut Harness) -> Netns {
-    let ns = Netns::new("rate").expect("netns");
-    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])
-        .expect("veth");
-    let p = h.dp.program().expect("program");
-    ns.run_in(|| p.attach("v0", XdpMode::Skb))
-        .expect("entering the namespace")
-        .expect("attaching to the namespace's veth");
-    ns
-}
-
 /// The first BPF_PROG_TEST_RUN of a process sets up the test-run machinery (slow); do it
 /// on a source no rule covers, before the clock starts.
 fn warm_up(h: &Harness) {
@@ -79,7 +60,8 @@ fn hammer(h: &Harness, dur: Duration) -> (u64, Instant, Instant) {
 #[test]
 fn admissions_track_rate_times_t_plus_burst() {
     let mut h = Harness::new(POLICY).expect("BPF is required");
-    let _ns = in_dispatcher(&mut h);
+    // Without it, the test runs' own grace periods would read as −1% (see the helper).
+    let _ns = h.keep_in_dispatcher().expect("a namespace to attach in");
     warm_up(&h);
     let (runs, start, end) = hammer(&h, Duration::from_millis(1500));
     let t = (end - start).as_secs_f64();
@@ -99,7 +81,8 @@ fn admissions_track_rate_times_t_plus_burst() {
 #[test]
 fn two_cpus_share_one_budget() {
     let mut h = Harness::new(POLICY).expect("BPF is required");
-    let _ns = in_dispatcher(&mut h);
+    // Without it, the test runs' own grace periods would read as −1% (see the helper).
+    let _ns = h.keep_in_dispatcher().expect("a namespace to attach in");
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

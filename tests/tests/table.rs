@@ -3,7 +3,12 @@
 //! their own, a busy group keeps its slot while an idle one can be reclaimed, and a
 //! full window still gives a new group a budget.
 
-use std::{thread::sleep, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicU32, Ordering},
+    thread::sleep,
+    time::Duration,
+};
 
 use shaper::dataplane::Capacity;
 use shaper_common::{
@@ -13,7 +18,7 @@ use shaper_common::{
 };
 use shaper_tests::{
     packets::syn_v4,
-    progrun::{Harness, XDP_DROP, XDP_PASS},
+    progrun::{Harness, XDP_DROP, XDP_PASS, run_prog},
 };
 
 /// Slow /24s (one attempt a minute) and fast ones (idle a millisecond after an attempt).
@@ -156,5 +161,84 @@ fn the_daemon_reads_each_group_s_whole_key() {
             _pad: [0; 2],
             addr: [198, 18, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         }
+    );
+}
+
+/// Burst 3 per host, then nothing for a minute: a group placed twice would admit more.
+const THREE: &str = r#"
+[[rule]]
+name = "three"
+prefix = "198.18.0.0/16"
+group = 32
+rate = "1/min"
+burst = 3
+action = "drop"
+"#;
+
+/// Wait until both threads have arrived at `round` (a spinning barrier: both leave
+/// within a fraction of a microsecond, where a sleeping one wakes them microseconds
+/// apart).
+fn both_at(arrived: &AtomicU32, round: u32) {
+    arrived.fetch_add(1, Ordering::SeqCst);
+    let mut spins = 0u64;
+    while arrived.load(Ordering::SeqCst) < 2 * (round + 1) {
+        std::hint::spin_loop();
+        spins += 1;
+        assert!(spins < 10_000_000_000, "the other thread never arrived");
+    }
+}
+
+#[test]
+fn two_cpus_placing_the_same_new_groups_make_one_each() {
+    const GROUPS: u32 = 3000;
+    // Room enough that no window fills (3,000 groups in 65,536 slots).
+    let mut h = Harness::with_capacity(
+        THREE,
+        Capacity {
+            groups: 65_536,
+            ..Capacity::default()
+        },
+    )
+    .expect("load");
+    let _ns = h.keep_in_dispatcher().expect("a namespace to attach in");
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(ncpu >= 2, "this test needs two CPUs");
+    let prog = match h.dp.ebpf.program(shaper_common::maps::PROGRAM_NAME) {
+        Some(aya::programs::Program::Xdp(p)) => p,
+        _ => panic!("program missing"),
+    };
+    let arrived = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for cpu in 0..2 {
+            let (arrived, prog) = (&arrived, prog);
+            s.spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+                }
+                for i in 0..GROUPS {
+                    // Both CPUs send the first SYNs of the same new host at once.
+                    both_at(arrived, i);
+                    let [_, _, a, b] = i.to_be_bytes();
+                    run_prog(prog, &syn_v4([198, 18, a, b], 443), 4).expect("test run");
+                }
+            });
+        }
+    });
+    let groups = h.dp.groups();
+    let hosts: HashSet<[u8; 16]> = groups.iter().map(|(k, _)| k.addr).collect();
+    assert_eq!(groups.len(), GROUPS as usize, "one slot per group");
+    assert_eq!(hosts.len(), GROUPS as usize);
+    let s = h.rule("three").expect("counters");
+    assert_eq!(
+        s.get(Outcome::Admitted),
+        3 * u64::from(GROUPS),
+        "each group's burst, once"
+    );
+    assert_eq!(
+        s.get(Outcome::Admitted) + s.get(Outcome::Dropped),
+        2 * 4 * u64::from(GROUPS)
     );
 }
