@@ -74,6 +74,14 @@ impl Harness {
         self.dp.global_counters()
     }
 
+    /// The loaded program, shared: several threads may run it at once.
+    pub fn xdp(&self) -> Result<&Xdp> {
+        match self.dp.ebpf.program(shaper_common::maps::PROGRAM_NAME) {
+            Some(aya::programs::Program::Xdp(p)) => Ok(p),
+            _ => Err(anyhow!("program missing")),
+        }
+    }
+
     /// Keep the program in the kernel's XDP dispatcher while the returned namespace
     /// lives: attached (generic mode) to a veth of a namespace of its own, which carries
     /// no traffic. Otherwise every BPF_PROG_TEST_RUN puts the program into the
@@ -101,6 +109,16 @@ impl Harness {
             prog.load().context("loading the baseline program")?;
         }
         Ok(prog)
+    }
+}
+
+/// Keep the calling thread on `cpu` (threads that must run on two CPUs at once).
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

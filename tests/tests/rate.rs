@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use shaper_common::Outcome;
 use shaper_tests::{
     packets::syn_v4,
-    progrun::{Harness, run_prog},
+    progrun::{Harness, pin_to_cpu, run_prog},
 };
 
 const POLICY: &str = r#"
@@ -21,20 +21,8 @@ action = "drop"
 const RATE: f64 = 2000.0;
 const BURST: f64 = 100.0;
 
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 fn prog(h: &Harness) -> &aya::programs::Xdp {
-    match h.dp.ebpf.program(shaper_common::maps::PROGRAM_NAME) {
-        Some(aya::programs::Program::Xdp(p)) => p,
-        _ => panic!("program missing"),
-    }
+    h.xdp().expect("program")
 }
 
 /// The first BPF_PROG_TEST_RUN of a process sets up the test-run machinery (slow); do it

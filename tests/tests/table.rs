@@ -18,7 +18,7 @@ use shaper_common::{
 };
 use shaper_tests::{
     packets::syn_v4,
-    progrun::{Harness, XDP_DROP, XDP_PASS, run_prog},
+    progrun::{Harness, XDP_DROP, XDP_PASS, pin_to_cpu, run_prog},
 };
 
 /// Slow /24s (one attempt a minute) and fast ones (idle a millisecond after an attempt).
@@ -203,21 +203,13 @@ fn two_cpus_placing_the_same_new_groups_make_one_each() {
     let _ns = h.keep_in_dispatcher().expect("a namespace to attach in");
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(ncpu >= 2, "this test needs two CPUs");
-    let prog = match h.dp.ebpf.program(shaper_common::maps::PROGRAM_NAME) {
-        Some(aya::programs::Program::Xdp(p)) => p,
-        _ => panic!("program missing"),
-    };
+    let prog = h.xdp().expect("program");
     let arrived = AtomicU32::new(0);
     std::thread::scope(|s| {
         for cpu in 0..2 {
             let (arrived, prog) = (&arrived, prog);
             s.spawn(move || {
-                // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-                unsafe {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-                }
+                pin_to_cpu(cpu);
                 for i in 0..GROUPS {
                     // Both CPUs send the first SYNs of the same new host at once.
                     both_at(arrived, i);
