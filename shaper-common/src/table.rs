@@ -162,19 +162,6 @@ impl Choice {
     }
 }
 
-/// [`Choice`] over a whole window.
-pub fn victim(window: &[Seen; WINDOW as usize], now: u64) -> Option<usize> {
-    let mut c = Choice::new(now);
-    let mut i = 0;
-    while i < window.len() {
-        if c.offer(i as u32, window[i]) {
-            break;
-        }
-        i += 1;
-    }
-    c.victim().map(|(i, _)| i as usize)
-}
-
 /// The insert lock's value for a CPU taking it at `jiffies` (never 0, the free lock).
 #[inline(always)]
 pub const fn lock_value(jiffies: u64) -> u64 {

@@ -225,9 +225,9 @@ pub extern "C" fn shaper_group_insert(a: u64, b: u64, c: u64, hash: u64) -> u32 
     idx
 }
 
-/// [`shaper_group_insert`] with the home's lock held: a CPU that placed the same key since this one
-/// looked is found; otherwise the window's [`table::victim`] is claimed by
-/// compare-and-swap of its tag, written and published.
+/// [`shaper_group_insert`] with the home's lock held: a CPU that placed the same key
+/// since this one looked is found; otherwise the slot the window's [`table::Choice`]
+/// picks is claimed by compare-and-swap of its tag, written and published.
 #[inline(always)]
 fn insert_locked(gk: &Gk, home: u32) -> u32 {
     let fp = table::fingerprint(gk.hash);

@@ -14,6 +14,17 @@ fn v4_words(a: [u8; 4], len: u8) -> [u32; 5] {
     ]
 }
 
+/// [`Choice`] over a whole window, as the program offers it slot by slot.
+fn victim(window: &[Seen; WINDOW as usize], now: u64) -> Option<usize> {
+    let mut c = Choice::new(now);
+    for (i, s) in window.iter().enumerate() {
+        if c.offer(i as u32, *s) {
+            break;
+        }
+    }
+    c.victim().map(|(i, _)| i as usize)
+}
+
 fn busy(tag: u64, tat_ns: u64) -> Seen {
     Seen {
         tag,
