@@ -195,9 +195,9 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
     } else if rule.group_len == probe_len {
         group_state(probe, &key, rule.rule_id)
     } else {
-        // The probe key is done with: its stack slot takes the group's key (the frame
-        // stays within what the call to `defer` leaves).
-        // The seed read again rather than kept across the rule lookup (a spill).
+        // The probe key is done with: its stack slot takes the group's key, and the
+        // seed is read again rather than kept across the rule lookup (a spill). The
+        // frame must stay within what the call to `defer` leaves of the stack.
         key = group_key(family, addr, rule.group_len, view().seed);
         group_state(Found::NONE, &key, rule.rule_id)
     };
