@@ -42,6 +42,14 @@ fn verdict(h: &mut Harness, src: [u8; 4]) -> u32 {
     h.run(&syn_v4(src, 443)).expect("test run").0
 }
 
+/// Host `host` of each /24 198.`b`.`c`.0 in `nets`, in order, gets `want`.
+fn each(h: &mut Harness, nets: &[(u8, u8)], host: u8, want: u32) {
+    for &(b, c) in nets {
+        let src = [198, b, c, host];
+        assert_eq!(verdict(h, src), want, "{src:?}");
+    }
+}
+
 fn blocks(h: &Harness) -> Vec<[u8; 3]> {
     let mut v: Vec<[u8; 3]> =
         h.dp.groups()
@@ -71,13 +79,9 @@ fn one_window() -> Harness {
 #[test]
 fn groups_in_one_window_keep_budgets_of_their_own() {
     let mut h = one_window();
-    let slow = |i: u8| [198, 18, i, 1];
-    for i in 0..4 {
-        assert_eq!(verdict(&mut h, slow(i)), XDP_PASS, "first of {i}");
-    }
-    for i in 0..4 {
-        assert_eq!(verdict(&mut h, slow(i)), XDP_DROP, "second of {i}");
-    }
+    let slow = [(18, 0), (18, 1), (18, 2), (18, 3)];
+    each(&mut h, &slow, 1, XDP_PASS);
+    each(&mut h, &slow, 1, XDP_DROP);
     assert_eq!(
         blocks(&h),
         vec![[198, 18, 0], [198, 18, 1], [198, 18, 2], [198, 18, 3]]
@@ -90,46 +94,23 @@ fn groups_in_one_window_keep_budgets_of_their_own() {
 fn a_busy_group_keeps_its_slot_and_an_idle_one_gives_it_up() {
     let mut h = one_window();
     // Two busy groups (their budget spent for a minute), two that go idle.
-    for src in [
-        [198, 18, 1, 1],
-        [198, 18, 2, 1],
-        [198, 19, 1, 1],
-        [198, 19, 2, 1],
-    ] {
-        assert_eq!(verdict(&mut h, src), XDP_PASS, "{src:?}");
-    }
+    each(&mut h, &[(18, 1), (18, 2), (19, 1), (19, 2)], 1, XDP_PASS);
     sleep(Duration::from_nanos(IDLE_NS) + Duration::from_millis(200));
     // Two new busy groups: they take the idle groups' slots.
-    for src in [[198, 18, 3, 1], [198, 18, 4, 1]] {
-        assert_eq!(verdict(&mut h, src), XDP_PASS, "{src:?}");
-    }
+    each(&mut h, &[(18, 3), (18, 4)], 1, XDP_PASS);
     assert_eq!(
         blocks(&h),
         vec![[198, 18, 1], [198, 18, 2], [198, 18, 3], [198, 18, 4]]
     );
     // The older busy groups kept their state: still nothing for them.
-    for src in [
-        [198, 18, 1, 2],
-        [198, 18, 2, 2],
-        [198, 18, 3, 2],
-        [198, 18, 4, 2],
-    ] {
-        assert_eq!(verdict(&mut h, src), XDP_DROP, "{src:?}");
-    }
+    each(&mut h, &[(18, 1), (18, 2), (18, 3), (18, 4)], 2, XDP_DROP);
 }
 
 #[test]
 fn a_full_window_evicts_the_group_closest_to_idle() {
     let mut h = one_window();
     // Four busy groups, the fast one closest to idle (its state a millisecond ahead).
-    for src in [
-        [198, 18, 1, 1],
-        [198, 19, 9, 1],
-        [198, 18, 2, 1],
-        [198, 18, 3, 1],
-    ] {
-        assert_eq!(verdict(&mut h, src), XDP_PASS, "{src:?}");
-    }
+    each(&mut h, &[(18, 1), (19, 9), (18, 2), (18, 3)], 1, XDP_PASS);
     // A fifth still gets its budget.
     assert_eq!(verdict(&mut h, [198, 18, 5, 1]), XDP_PASS);
     assert_eq!(
@@ -137,14 +118,7 @@ fn a_full_window_evicts_the_group_closest_to_idle() {
         vec![[198, 18, 1], [198, 18, 2], [198, 18, 3], [198, 18, 5]],
         "the fast group went"
     );
-    for src in [
-        [198, 18, 1, 2],
-        [198, 18, 2, 2],
-        [198, 18, 3, 2],
-        [198, 18, 5, 2],
-    ] {
-        assert_eq!(verdict(&mut h, src), XDP_DROP, "{src:?}");
-    }
+    each(&mut h, &[(18, 1), (18, 2), (18, 3), (18, 5)], 2, XDP_DROP);
 }
 
 #[test]
