@@ -1,4 +1,4 @@
-//! A spoofed SYN flood: first SYNs from random sources of one /24, random ports and
+//! A spoofed SYN flood: first SYNs from random sources of some /24s, random ports and
 //! sequence numbers, never retransmitted. Sent as raw frames on a client namespace's
 //! veth (AF_PACKET), at a fixed rate, for a bounded time.
 
@@ -24,10 +24,10 @@ pub struct Flood {
 }
 
 /// Where and how hard to flood.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct FloodSpec {
-    /// The /24 the spoofed sources are drawn from (first three bytes).
-    pub net: [u8; 3],
+    /// The /24s the spoofed sources are drawn from (first three bytes), in turn.
+    pub nets: Vec<[u8; 3]>,
     pub dst: Ipv4Addr,
     pub dport: u16,
     pub dst_mac: [u8; 6],
@@ -142,6 +142,9 @@ fn send_loop(raw: &Raw, spec: &FloodSpec, stop: &AtomicBool, sent: &AtomicU64) -
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
+        if let Some(net) = spec.nets.get(n as usize % spec.nets.len().max(1)) {
+            frame[IP + 12..IP + 15].copy_from_slice(net);
+        }
         randomize(&mut frame, rng);
         // SAFETY: `frame` and `to` are valid for the lengths given.
         let rc = unsafe {
@@ -180,7 +183,6 @@ fn template(spec: &FloodSpec) -> Vec<u8> {
     f[IP + 2..IP + 4].copy_from_slice(&40u16.to_be_bytes());
     f[IP + 8] = 64;
     f[IP + 9] = 6;
-    f[IP + 12..IP + 15].copy_from_slice(&spec.net);
     f[IP + 16..IP + 20].copy_from_slice(&spec.dst.octets());
     f[TCP + 2..TCP + 4].copy_from_slice(&spec.dport.to_be_bytes());
     f[TCP + 12] = 5 << 4;

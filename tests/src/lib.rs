@@ -7,6 +7,8 @@ pub mod flood;
 pub mod netns;
 pub mod packets;
 pub mod progrun;
+pub mod stacks;
 pub mod storm;
+pub mod sweep;
 pub mod tcp;
 pub mod testbed;

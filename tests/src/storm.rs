@@ -1,10 +1,11 @@
-//! An 8 a.m. storm, end to end: a LAN testbed (two client namespaces, one with the
-//! default SYN retransmission schedule, one with `tcp_syn_linear_timeouts = 0` as older
-//! Linux), the real daemon on the server's veth, crowds of real kernel TCP clients from
-//! some /24s, and optionally a spoofed flood into one of them. Shared by the end-to-end
-//! tests and `cargo xtask demo`.
+//! An 8 a.m. storm, end to end: a LAN testbed with one client namespace per client TCP
+//! stack ([`crate::stacks`]), the real daemon on the server's veth, crowds of real
+//! kernel TCP clients from some /24s (each client of a stack drawn from the storm's
+//! mix), and optionally a spoofed flood into those /24s. Shared by the end-to-end
+//! tests, `cargo xtask bench storm` and `cargo xtask demo`.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
@@ -15,6 +16,7 @@ use crate::{
     crowd::{Arrival, Attempt, Crowd},
     flood::{Flood, FloodSpec},
     netns::Daemon,
+    stacks::Stack,
     tcp::Server,
     testbed::{PORT, SERVER_DEV, SERVER_V4, Testbed},
 };
@@ -24,17 +26,45 @@ use crate::{
 pub struct StormSpec {
     /// `drop` or `defer`.
     pub action: &'static str,
+    /// The rule's budget per /24.
     pub rate: u32,
     pub burst: u32,
+    /// The rule's `max_wait`.
+    pub max_wait: Duration,
     /// The /24s (first three bytes) and how many clients each.
     pub groups: Vec<([u8; 3], usize)>,
+    /// The client stacks and their weights; each client draws one.
+    pub mix: Vec<(Stack, u32)>,
     /// Arrivals are spread uniformly over this long.
     pub spread: Duration,
-    /// Clients still waiting this long after the start are given up on.
+    /// Clients still trying this long after the start are given up on (set it past the
+    /// last stack's own give-up to let every client run its course).
     pub deadline: Duration,
-    /// Spoofed SYNs per second into the first group (0: none).
+    /// Spoofed SYNs per second (0: none), spread over the first `flooded` /24s.
     pub flood_per_s: u32,
+    pub flooded: usize,
     pub seed: u64,
+}
+
+impl StormSpec {
+    /// Clients over the spread against the budget (1.0: exactly the budget).
+    pub fn overload(&self) -> f64 {
+        let per_group =
+            self.groups.iter().map(|g| g.1).sum::<usize>() as f64 / self.groups.len().max(1) as f64;
+        per_group / (self.spread.as_secs_f64() * f64::from(self.rate))
+    }
+}
+
+/// One client's story.
+#[derive(Clone, Copy, Debug)]
+pub struct Client {
+    pub net: [u8; 3],
+    pub stack: Stack,
+    /// Seconds since the start: first SYN, connected, ended (connected or gave up).
+    pub started: f64,
+    pub connected: Option<f64>,
+    pub ended: Option<f64>,
+    pub syns: u32,
 }
 
 /// What one group saw.
@@ -47,10 +77,28 @@ pub struct GroupReport {
     pub waits: Vec<f64>,
     /// Spearman rank correlation between first-SYN time and connect time.
     pub rho: f64,
+    /// The same over the clients of stacks that knock more than three times (all but
+    /// Windows): the line's order among clients it can order.
+    pub rho_knockers: f64,
     /// Connections the server accepted from the group, per second since the start.
     pub accepted_per_s: Vec<usize>,
     /// Most the server accepted from the group in any 1-s window.
     pub max_1s: usize,
+    /// Seconds during which some client of the group was waiting, and what the server
+    /// accepted from the group in them.
+    pub busy_s: usize,
+    pub accepted_busy: usize,
+}
+
+impl GroupReport {
+    pub fn wait_quantile(&self, q: f64) -> f64 {
+        quantile(&self.waits, q)
+    }
+
+    /// Accepted per second while clients waited.
+    pub fn busy_rate(&self) -> f64 {
+        self.accepted_busy as f64 / self.busy_s.max(1) as f64
+    }
 }
 
 /// What a storm did.
@@ -58,21 +106,64 @@ pub struct GroupReport {
 pub struct StormReport {
     pub spec: StormSpec,
     pub groups: Vec<GroupReport>,
+    pub clients: Vec<Client>,
     pub flood_sent: u64,
     /// The daemon's last per-rule counter line (its log).
     pub counters: String,
     pub elapsed: Duration,
 }
 
-impl GroupReport {
-    pub fn wait_quantile(&self, q: f64) -> f64 {
-        quantile(&self.waits, q)
+impl StormReport {
+    pub fn connected(&self) -> usize {
+        self.groups.iter().map(|g| g.connected).sum()
+    }
+
+    pub fn total(&self) -> usize {
+        self.groups.iter().map(|g| g.clients).sum()
+    }
+
+    /// (connected, clients) of one stack.
+    pub fn stack(&self, s: Stack) -> (usize, usize) {
+        let mine = self.clients.iter().filter(|c| c.stack == s);
+        let n = mine.clone().count();
+        (mine.filter(|c| c.connected.is_some()).count(), n)
+    }
+
+    /// All groups' waits, sorted.
+    pub fn waits(&self) -> Vec<f64> {
+        let mut w: Vec<f64> = self.groups.iter().flat_map(|g| g.waits.clone()).collect();
+        w.sort_by(f64::total_cmp);
+        w
+    }
+
+    /// Mean over groups of the rank correlation of clients knocking more than three
+    /// times.
+    pub fn rho_knockers(&self) -> f64 {
+        mean(self.groups.iter().map(|g| g.rho_knockers))
+    }
+
+    pub fn rho(&self) -> f64 {
+        mean(self.groups.iter().map(|g| g.rho))
+    }
+
+    /// Mean over groups of what the server accepted per second while clients waited.
+    pub fn busy_rate(&self) -> f64 {
+        mean(self.groups.iter().map(GroupReport::busy_rate))
+    }
+
+    pub fn max_1s(&self) -> usize {
+        self.groups.iter().map(|g| g.max_1s).max().unwrap_or(0)
     }
 }
 
-/// Addresses the clients of a group use: 20 hosts in each client namespace.
-fn hosts(net: [u8; 3], ns: usize) -> Vec<IpAddr> {
-    let base = if ns == 0 { 10 } else { 130 };
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
+/// Hosts of one group in the namespace of the `k`-th stack: 20 addresses each.
+fn hosts(net: [u8; 3], k: usize) -> Vec<IpAddr> {
+    let base = 10 + 40 * k as u8;
     (0..20)
         .map(|i| IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], base + i)))
         .collect()
@@ -87,8 +178,12 @@ group = 24
 rate = {}
 burst = {}
 action = "{}"
+max_wait = "{}s"
 "#,
-        spec.rate, spec.burst, spec.action
+        spec.rate,
+        spec.burst,
+        spec.action,
+        spec.max_wait.as_secs()
     )
 }
 
@@ -132,23 +227,64 @@ fn last_rule_line(daemon: &Daemon) -> String {
         .unwrap_or_default()
 }
 
+/// A small deterministic generator (xorshift), so a storm's plan replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Each client's stack and arrival, per stack (in the order of the spec's mix).
+fn plan(spec: &StormSpec) -> Vec<(Stack, Vec<Arrival>)> {
+    let mut rng = Rng(spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let weights: u64 = spec.mix.iter().map(|m| u64::from(m.1)).sum::<u64>().max(1);
+    let mut per: Vec<(Stack, Vec<Arrival>)> = spec.mix.iter().map(|m| (m.0, Vec::new())).collect();
+    for (net, n) in &spec.groups {
+        let mut used = vec![0usize; per.len()];
+        for _ in 0..*n {
+            let at = Duration::from_nanos(rng.next() % spec.spread.as_nanos().max(1) as u64);
+            let mut pick = rng.next() % weights;
+            let mut k = 0;
+            while let Some(m) = spec.mix.get(k)
+                && pick >= u64::from(m.1)
+            {
+                pick -= u64::from(m.1);
+                k += 1;
+            }
+            let k = k.min(per.len().saturating_sub(1));
+            let h = hosts(*net, k);
+            let src = h[used[k] % h.len()];
+            used[k] += 1;
+            if let Some(p) = per.get_mut(k) {
+                p.1.push(Arrival { at, src });
+            }
+        }
+    }
+    per
+}
+
 /// Run one storm; `tick` is called about once a second.
 pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport> {
-    let sets: Vec<Vec<IpAddr>> = (0..2)
-        .map(|ns| {
+    let sets: Vec<Vec<IpAddr>> = (0..spec.mix.len())
+        .map(|k| {
             spec.groups
                 .iter()
-                .flat_map(|(net, _)| hosts(*net, ns))
+                .flat_map(|(net, _)| hosts(*net, k))
                 .collect()
         })
         .collect();
     let set_refs: Vec<&[IpAddr]> = sets.iter().map(Vec::as_slice).collect();
     let bed = Testbed::lan(&set_refs)?;
-    let old = bed
-        .more
-        .first()
-        .ok_or_else(|| anyhow!("the LAN has one client namespace"))?;
-    old.sysctl("net.ipv4.tcp_syn_linear_timeouts", "0")?;
+    let namespaces = bed.clients();
+    let mut emulations = Vec::new();
+    for ((stack, _), ns) in spec.mix.iter().zip(&namespaces) {
+        emulations.push(stack.emulate(ns)?);
+    }
     let mut daemon = Daemon::start(
         &bed.srv,
         SERVER_DEV,
@@ -158,53 +294,39 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
     let dst = Testbed::dst_for(IpAddr::V4(SERVER_V4.parse()?));
     let server = Server::start(&bed.srv, &[dst])?;
 
-    // Arrivals: uniform over the spread, alternating between the two namespaces.
-    let mut rng = spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut per_ns: Vec<Vec<Arrival>> = vec![Vec::new(), Vec::new()];
-    for (net, n) in &spec.groups {
-        for i in 0..*n {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let at = Duration::from_nanos(rng % spec.spread.as_nanos().max(1) as u64);
-            let ns = i % 2;
-            let h = hosts(*net, ns);
-            let src = h[i / 2 % h.len()];
-            per_ns[ns].push(Arrival { at, src });
-        }
-    }
-    let t0 = Instant::now() + Duration::from_millis(200);
+    let plan = plan(spec);
+    let t0 = Instant::now() + Duration::from_millis(300);
     let deadline = t0 + spec.deadline;
-    let flood = match (spec.flood_per_s, spec.groups.first()) {
-        (0, _) | (_, None) => None,
-        (pps, Some((net, _))) => Some(Flood::start(
+    let flood = if spec.flood_per_s == 0 || spec.groups.is_empty() || spec.flooded == 0 {
+        None
+    } else {
+        Some(Flood::start(
             &bed.cli,
             "c0",
             FloodSpec {
-                net: *net,
+                nets: spec.groups.iter().take(spec.flooded).map(|g| g.0).collect(),
                 dst: SERVER_V4.parse()?,
                 dport: PORT,
                 dst_mac: bed.server_mac()?,
-                per_second: pps,
+                per_second: spec.flood_per_s,
                 max: spec.deadline + Duration::from_secs(5),
             },
-        )?),
+        )?)
     };
-    let crowds: Vec<Crowd> = bed
-        .clients()
-        .into_iter()
-        .zip(per_ns)
-        .map(|(ns, arrivals)| Crowd::start(ns, arrivals, dst, t0, deadline))
-        .collect();
+    let mut crowds: Vec<(Stack, Crowd)> = Vec::new();
+    for (((stack, arrivals), ns), emu) in plan.iter().zip(&namespaces).zip(&emulations) {
+        let cg = emu.as_ref().map(|e| e.cgroup.as_path());
+        crowds.push((*stack, Crowd::start(ns, arrivals, dst, t0, deadline, cg)?));
+    }
     let mut shown = 0;
-    while crowds.iter().any(|c| !c.is_finished()) {
+    while crowds.iter().any(|c| !c.1.is_finished()) {
         std::thread::sleep(Duration::from_millis(100));
         let sec = t0.elapsed().as_secs();
         if sec > shown {
             shown = sec;
             tick(&Live {
                 sec,
-                connected: crowds.iter().map(Crowd::connected).sum(),
+                connected: crowds.iter().map(|c| c.1.connected()).sum(),
                 clients: spec.groups.iter().map(|g| g.1).sum(),
                 flood_sent: flood.as_ref().map_or(0, Flood::sent),
                 counters: parse_counters(&last_rule_line(&daemon)),
@@ -212,13 +334,10 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
         }
     }
     let elapsed = t0.elapsed();
-    let attempts: Vec<Attempt> = crowds
-        .into_iter()
-        .map(Crowd::finish)
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let mut attempts: Vec<(Stack, Attempt)> = Vec::new();
+    for (stack, c) in crowds {
+        attempts.extend(c.finish()?.into_iter().map(|a| (stack, a)));
+    }
     let flood_sent = match flood {
         Some(f) => f.finish()?,
         None => 0,
@@ -226,51 +345,104 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
     // One more counter line after the storm, then stop the daemon.
     std::thread::sleep(Duration::from_millis(1100));
     daemon.stop()?;
+    drop(emulations);
     let counters = last_rule_line(&daemon);
-    let accepted = server.accepted();
+    let since = |i: Instant| i.saturating_duration_since(t0).as_secs_f64();
+    let clients: Vec<Client> = attempts
+        .iter()
+        .filter_map(|(stack, a)| {
+            let IpAddr::V4(ip) = a.src else { return None };
+            let o = ip.octets();
+            Some(Client {
+                net: [o[0], o[1], o[2]],
+                stack: *stack,
+                started: since(a.started),
+                connected: a.connected.map(since),
+                ended: a.ended.map(since),
+                syns: a.syns,
+            })
+        })
+        .collect();
+    let accepted: Vec<(IpAddr, f64)> = server
+        .accepted()
+        .iter()
+        .map(|x| (x.peer.ip(), since(x.at)))
+        .collect();
+    let end = since(deadline);
     let groups = spec
         .groups
         .iter()
-        .map(|(net, n)| {
-            let mine = |ip: IpAddr| matches!(ip, IpAddr::V4(a) if a.octets()[..3] == net[..]);
-            let ours: Vec<&Attempt> = attempts.iter().filter(|a| mine(a.src)).collect();
-            let ok: Vec<&&Attempt> = ours.iter().filter(|a| a.connected.is_some()).collect();
-            let mut waits: Vec<f64> = ok
-                .iter()
-                .filter_map(|a| a.connected.map(|c| (c - a.started).as_secs_f64()))
-                .collect();
-            waits.sort_by(f64::total_cmp);
-            let xs: Vec<f64> = ok
-                .iter()
-                .map(|a| a.started.duration_since(t0).as_secs_f64())
-                .collect();
-            let ys: Vec<f64> = ok
-                .iter()
-                .filter_map(|a| a.connected.map(|c| c.duration_since(t0).as_secs_f64()))
-                .collect();
-            let times: Vec<f64> = accepted
-                .iter()
-                .filter(|x| mine(x.peer.ip()))
-                .map(|x| x.at.saturating_duration_since(t0).as_secs_f64())
-                .collect();
-            GroupReport {
-                net: *net,
-                clients: *n,
-                connected: ok.len(),
-                waits,
-                rho: spearman(&xs, &ys),
-                accepted_per_s: per_second(&times),
-                max_1s: max_in_window(&times, 1.0),
-            }
-        })
+        .map(|(net, n)| group_report(*net, *n, &clients, &accepted, end))
         .collect();
     Ok(StormReport {
         spec: spec.clone(),
         groups,
+        clients,
         flood_sent,
         counters,
         elapsed,
     })
+}
+
+fn group_report(
+    net: [u8; 3],
+    n: usize,
+    clients: &[Client],
+    accepted: &[(IpAddr, f64)],
+    end: f64,
+) -> GroupReport {
+    let mine = |ip: IpAddr| matches!(ip, IpAddr::V4(a) if a.octets()[..3] == net[..]);
+    let ours: Vec<&Client> = clients.iter().filter(|c| c.net == net).collect();
+    let ok: Vec<&&Client> = ours.iter().filter(|c| c.connected.is_some()).collect();
+    let mut waits: Vec<f64> = ok
+        .iter()
+        .filter_map(|c| c.connected.map(|t| t - c.started))
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    let order = |pick: &dyn Fn(&Client) -> bool| {
+        let sel: Vec<&&&Client> = ok.iter().filter(|c| pick(c)).collect();
+        let xs: Vec<f64> = sel.iter().map(|c| c.started).collect();
+        let ys: Vec<f64> = sel.iter().filter_map(|c| c.connected).collect();
+        spearman(&xs, &ys)
+    };
+    let times: Vec<f64> = accepted
+        .iter()
+        .filter(|(ip, _)| mine(*ip))
+        .map(|x| x.1)
+        .collect();
+    let per_s = per_second(&times);
+    // A second is busy when some client of the group waits through its middle: it
+    // started, has not connected, and has a SYN still to send (after its last SYN a
+    // client cannot get in, whatever the budget).
+    let waiting_until = |c: &Client| {
+        let last = c.stack.schedule().0.last().copied().unwrap_or(0) as f64;
+        let last_syn = c.started + last * 1.08 + 0.5;
+        c.connected.unwrap_or(end).min(last_syn)
+    };
+    let mut busy_s = 0;
+    let mut accepted_busy = 0;
+    for s in 0..end.ceil() as usize {
+        let mid = s as f64 + 0.5;
+        if ours
+            .iter()
+            .any(|c| c.started <= mid && waiting_until(c) > mid)
+        {
+            busy_s += 1;
+            accepted_busy += per_s.get(s).copied().unwrap_or(0);
+        }
+    }
+    GroupReport {
+        net,
+        clients: n,
+        connected: ok.len(),
+        waits,
+        rho: order(&|_| true),
+        rho_knockers: order(&|c| c.stack.syns() > 3),
+        accepted_per_s: per_s,
+        max_1s: max_in_window(&times, 1.0),
+        busy_s,
+        accepted_busy,
+    }
 }
 
 /// The value at quantile `q` of sorted `v` (NaN if empty).
@@ -310,6 +482,14 @@ pub fn max_in_window(times: &[f64], w: f64) -> usize {
     best
 }
 
+fn secs(v: f64) -> String {
+    if v.is_nan() {
+        "—".to_string()
+    } else {
+        format!("{v:.1} s")
+    }
+}
+
 /// A plain side-by-side table of storms (one row per storm and group).
 pub fn table(reports: &[StormReport]) -> String {
     let mut s = String::from(
@@ -317,14 +497,6 @@ pub fn table(reports: &[StormReport]) -> String {
     );
     for r in reports {
         for g in &r.groups {
-            let secs = |q: f64| {
-                let v = g.wait_quantile(q);
-                if v.is_nan() {
-                    "—".to_string()
-                } else {
-                    format!("{v:.1} s")
-                }
-            };
             let rho = if g.connected < 3 {
                 "—".to_string()
             } else {
@@ -339,13 +511,76 @@ pub fn table(reports: &[StormReport]) -> String {
                 g.net[2],
                 g.connected,
                 g.clients,
-                secs(0.5),
-                secs(0.99),
-                secs(1.0),
+                secs(g.wait_quantile(0.5)),
+                secs(g.wait_quantile(0.99)),
+                secs(g.wait_quantile(1.0)),
                 g.max_1s,
                 r.spec.rate + r.spec.burst,
             ));
         }
     }
     s
+}
+
+/// One row per storm: the sweep's figures (all groups together).
+pub fn sweep_table(reports: &[StormReport]) -> String {
+    let stacks: BTreeMap<Stack, ()> = reports
+        .iter()
+        .flat_map(|r| r.spec.mix.iter().map(|m| (m.0, ())))
+        .collect();
+    let mut s = String::from(
+        "| load | burst | action | flood SYN/s | connected | p50 wait | p99 wait | rank corr. (all / >3 SYNs) | accepted/s while waiting (budget) | most in 1 s |",
+    );
+    for st in stacks.keys() {
+        s.push_str(&format!(" {} |", st.name()));
+    }
+    s.push_str("\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for _ in stacks.keys() {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for r in reports {
+        let w = r.waits();
+        s.push_str(&format!(
+            "| {:.1}× | {} | {} | {} | {}/{} | {} | {} | {:.2} / {:.2} | {:.2} ({}) | {} ({}) |",
+            r.spec.overload(),
+            r.spec.burst,
+            r.spec.action,
+            r.spec.flood_per_s,
+            r.connected(),
+            r.total(),
+            secs(quantile(&w, 0.5)),
+            secs(quantile(&w, 0.99)),
+            r.rho(),
+            r.rho_knockers(),
+            r.busy_rate(),
+            r.spec.rate,
+            r.max_1s(),
+            r.spec.rate + r.spec.burst,
+        ));
+        for st in stacks.keys() {
+            let (c, n) = r.stack(*st);
+            s.push_str(&format!(" {c}/{n} |"));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The storm's counters from the daemon, for error messages.
+pub fn describe(r: &StormReport) -> String {
+    format!(
+        "{} at {:.1}× burst {}: {}",
+        r.spec.action,
+        r.spec.overload(),
+        r.spec.burst,
+        r.counters
+    )
+}
+
+/// An error if `r` has no groups (a spec mistake), so callers can index group 0.
+pub fn first_group(r: &StormReport) -> Result<&GroupReport> {
+    r.groups
+        .first()
+        .ok_or_else(|| anyhow!("a storm without groups"))
 }

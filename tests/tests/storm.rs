@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use shaper_tests::storm::{self, StormReport, StormSpec};
+use shaper_tests::{
+    stacks::Stack,
+    storm::{self, StormReport, StormSpec},
+};
 
 const RATE: u32 = 25;
 const BURST: u32 = 5;
@@ -17,9 +20,12 @@ fn spec(action: &'static str, flood_per_s: u32) -> StormSpec {
         rate: RATE,
         burst: BURST,
         groups: vec![([198, 18, 5], 1000)],
+        max_wait: Duration::from_secs(60),
+        mix: vec![(Stack::Linux, 1), (Stack::OldLinux, 1)],
         spread: Duration::from_secs(30),
         deadline: Duration::from_secs(60),
         flood_per_s,
+        flooded: 1,
         seed: 8,
     }
 }

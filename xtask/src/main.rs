@@ -24,12 +24,16 @@ enum Task {
     Setup,
     /// Set up, build, run the host tests and the privileged (BPF, netns) tests.
     Test,
-    /// Benchmarks: `prog` (ns per packet under BPF_PROG_TEST_RUN, against a bare program).
+    /// Benchmarks: `prog` (ns per packet under BPF_PROG_TEST_RUN, against a bare
+    /// program), `storm` (the waiting line's sweep of real-client storms, ~15 min).
     Bench {
         #[arg(default_value = "prog")]
         which: String,
         /// Only the cases whose name contains this (e.g. "SYN dropped").
         cases: Option<String>,
+        /// Every scenario briefly (a smoke run: it judges no figure).
+        #[arg(long)]
+        quick: bool,
     },
     /// An 8 a.m. storm in a network-namespace testbed, with live counters (root).
     Demo,
@@ -44,8 +48,16 @@ fn main() -> Result<()> {
             setup::setup()?;
             test()
         }
-        Task::Bench { which, cases } => {
+        Task::Bench {
+            which,
+            cases,
+            quick,
+        } => {
             setup::setup()?;
+            // The storms run the release daemon and the crowd helper.
+            cargo(&["build", "--release", "-p", "shaper"])?;
+            cargo(&["build", "--release", "-p", "shaper-tests", "--bins"])?;
+            let bin = workspace_root().join("target/release/shaper");
             let mut args = vec![
                 "run",
                 "--release",
@@ -57,7 +69,10 @@ fn main() -> Result<()> {
                 &which,
             ];
             args.extend(cases.as_deref());
-            cargo(&args)
+            if quick {
+                args.push("--quick");
+            }
+            cargo_env(&args, &[("SHAPER_BIN", &bin.to_string_lossy())])
         }
         Task::Demo => {
             setup::setup()?;

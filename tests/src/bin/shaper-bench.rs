@@ -1,5 +1,10 @@
 //! `cargo xtask bench prog`: ns per packet of the real program under BPF_PROG_TEST_RUN,
 //! against a bare XDP_PASS program measured in the same run.
+//!
+//! `cargo xtask bench storm [--quick]`: the line's sweep (`shaper_tests::sweep`), real
+//! kernel clients of four stacks through `drop` and `defer`, with and without a spoofed
+//! flood; prints the table and each point's misses, and writes the figures as JSON to
+//! `target/bench/storm.json`.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -112,9 +117,58 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "prog".into());
-    if which != "prog" {
-        bail!("unknown benchmark `{which}` (available: prog)");
+    match which.as_str() {
+        "prog" => prog(),
+        "storm" => storm(std::env::args().skip(2).any(|a| a == "--quick")),
+        _ => bail!("unknown benchmark `{which}` (available: prog, storm)"),
     }
+}
+
+/// The line's sweep. `--quick`: three points, one storm each, no flood: it runs every
+/// part (both actions, four stacks, the report) and judges nothing.
+fn storm(quick: bool) -> Result<()> {
+    use shaper_tests::sweep::{self, Point};
+    let points = if quick {
+        vec![
+            Point {
+                overload: 1.5,
+                burst: 5,
+            },
+            Point {
+                overload: 3.0,
+                burst: 2,
+            },
+            Point {
+                overload: 6.0,
+                burst: 20,
+            },
+        ]
+    } else {
+        sweep::full()
+    };
+    let mut results = Vec::new();
+    for p in points {
+        eprintln!("storm: {:.1}× the budget, burst {} …", p.overload, p.burst);
+        let r = sweep::run_point(p, !quick, 1)?;
+        eprintln!("{}", sweep::table(std::slice::from_ref(&r)));
+        results.push(r);
+    }
+    println!(
+        "Sweep: two /24s, rule {}/s per /24, arrivals over {} s, max_wait 90 s; clients of four stacks (Linux 6.x 40%, older Linux 20%, Windows 20%, macOS 20%).\n",
+        sweep::RATE,
+        sweep::SPREAD_S
+    );
+    println!("{}", sweep::table(&results));
+    let json: Vec<serde_json::Value> = results.iter().map(sweep::json).collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("storm.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    println!("figures: {}", path.display());
+    Ok(())
+}
+
+fn prog() -> Result<()> {
     // The verifier's side: how much work the program is to check, and how long a load
     // takes (a restarted daemon pays it before it adopts).
     let t = std::time::Instant::now();

@@ -8,7 +8,10 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use shaper_tests::storm::{self, Live, StormReport, StormSpec, counter};
+use shaper_tests::{
+    stacks::Stack,
+    storm::{self, Live, StormReport, StormSpec, counter},
+};
 
 const RATE: u32 = 10;
 const BURST: u32 = 5;
@@ -24,9 +27,12 @@ fn spec(action: &'static str) -> StormSpec {
             ([198, 18, 2], 300),
             ([198, 18, 3], 300),
         ],
+        max_wait: Duration::from_secs(90),
+        mix: vec![(Stack::Linux, 1), (Stack::OldLinux, 1)],
         spread: Duration::from_secs(20),
         deadline: Duration::from_secs(42),
         flood_per_s: FLOOD,
+        flooded: 1,
         seed: 1,
     }
 }
