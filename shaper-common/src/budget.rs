@@ -49,25 +49,6 @@ impl Budget {
         Budget::new(rate, NS_PER_SEC, burst)
     }
 
-    /// The same budget with `admissions` of its burst held back (the tolerance shrinks;
-    /// the rate does not change).
-    #[inline(always)]
-    pub const fn reserving(&self, admissions: u64) -> Budget {
-        if self.interval_ns == 0 {
-            return *self;
-        }
-        // No 128-bit multiply on BPF: bound first, then the product cannot overflow.
-        let held = if admissions >= self.tolerance_ns / self.interval_ns {
-            self.tolerance_ns
-        } else {
-            admissions * self.interval_ns
-        };
-        Budget {
-            interval_ns: self.interval_ns,
-            tolerance_ns: self.tolerance_ns - held,
-        }
-    }
-
     /// Is an attempt surely over this budget, judged on a clock that reads up to
     /// `lag_ns` behind real time (the kernel's coarse clock, which moves once per tick)?
     ///

@@ -12,6 +12,7 @@ pub mod budget;
 pub mod fairness;
 pub mod group;
 pub mod jiffies;
+pub mod knocks;
 pub mod line;
 pub mod maps;
 pub mod reason;

@@ -33,6 +33,9 @@ pub const MAP_WAITERS: &str = "WAITERS";
 /// Array of [`ProbeSlot`]: first SYNs of congested groups, waiting for a retransmission
 /// to prove them. Written by the program.
 pub const MAP_PROBES: &str = "PROBES";
+/// LRU hash: [`LineKey`] → [`crate::line::Calendar`], the expected knocks of each
+/// congested `defer` group's waiting clients. Written by the program.
+pub const MAP_LINES: &str = "LINES";
 
 /// Default number of rules (rule ids). The loader may raise it before load.
 pub const MAX_RULES: u32 = 4096;
@@ -44,6 +47,10 @@ pub const MAX_PREFIXES: u32 = 8192;
 pub const MAX_GROUPS: u32 = 131_072;
 /// Default number of clients waiting in line, all groups together (LRU).
 pub const MAX_WAITERS: u32 = 65_536;
+/// Default number of congested `defer` groups with a calendar at once (LRU, 1.5 KiB
+/// each). A group without one still admits in turn as the budget allows; it only
+/// cannot hold a token for an older client.
+pub const MAX_LINES: u32 = 8_192;
 /// Default number of probe slots (a power of two). A spoofed flood of F SYN/s overwrites
 /// a given probe within one second with probability ≈ F / PROBE_SLOTS; the client then
 /// proves itself at its next retransmission instead.
@@ -181,8 +188,7 @@ pub struct RuleEntry {
     pub ceiling_tolerance_ns: u64,
     /// `defer`: clients waiting longer than this are forgotten.
     pub max_wait_ns: u64,
-    /// `defer`: one second of the group's budget (at least 1).
-    pub line_rate: u32,
+    pub _pad1: u32,
     /// `defer`: most clients one group keeps waiting.
     pub queue_cap: u32,
 }
@@ -193,7 +199,6 @@ impl RuleEntry {
     #[inline(always)]
     pub const fn line_rule(&self) -> crate::line::LineRule {
         crate::line::LineRule {
-            rate_per_s: self.line_rate,
             queue_cap: self.queue_cap,
             max_wait_ns: self.max_wait_ns,
         }
@@ -240,7 +245,7 @@ pub struct GroupState {
     pub epoch: u32,
     pub line: crate::line::LineState,
 }
-const _: () = assert!(size_of::<GroupState>() == 112);
+const _: () = assert!(size_of::<GroupState>() == 40);
 
 /// One slot of the group table (`crate::table`): its tag (what it holds), the key, the
 /// insert lock of the window starting here, and the group's state.
@@ -256,7 +261,7 @@ pub struct GroupSlot {
     pub _pad: u32,
     pub state: GroupState,
 }
-const _: () = assert!(size_of::<GroupSlot>() == 152 && align_of::<GroupSlot>() == 8);
+const _: () = assert!(size_of::<GroupSlot>() == 80 && align_of::<GroupSlot>() == 8);
 
 /// Address family of a [`WaitKey`].
 pub mod family {
@@ -299,16 +304,28 @@ impl WaitKey {
     }
 }
 
-/// A client in line: the ISN of its SYN (a new ISN on the same ports is a new attempt)
-/// and when its first SYN was seen.
+/// A client in line: the ISN of its SYN (a new ISN on the same ports is a new attempt),
+/// its rule, and its knocks so far (from its first-seen time, its place in line).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Waiter {
     pub isn: u32,
     pub rule_id: u32,
-    pub first_seen_ns: u64,
+    pub knocks: crate::knocks::Knocks,
 }
-const _: () = assert!(size_of::<Waiter>() == 16);
+const _: () = assert!(size_of::<Waiter>() == 24);
+
+/// Key of a group's calendar ([`crate::line::Calendar`], map [`MAP_LINES`]): the
+/// group's key words, its rule, and the tag of its slot in the group table (which
+/// changes when the slot goes to another group), so a calendar outlives neither.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LineKey {
+    pub group: [u32; 5],
+    pub rule_id: u32,
+    pub slot_tag: u64,
+}
+const _: () = assert!(size_of::<LineKey>() == 32);
 
 /// A first SYN waiting to be proven by its retransmission: a tag of its identity hash
 /// (0 = empty) and when it was seen.
@@ -385,6 +402,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::WaitKey {}
     unsafe impl aya::Pod for super::Waiter {}
+    unsafe impl aya::Pod for super::LineKey {}
+    unsafe impl aya::Pod for crate::line::Calendar {}
     unsafe impl aya::Pod for super::ProbeSlot {}
 }
 

@@ -8,9 +8,12 @@ use aya_ebpf::{
 };
 use shaper_common::{
     Reason,
+    knocks::Knocks,
+    line::Calendar,
     maps::{
-        Config, GroupSlot, MAX_GROUPS, MAX_PREFIXES, MAX_RULES, MAX_WAITERS, PORTS, PROBE_SLOTS,
-        PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
+        Config, GroupSlot, LineKey, MAX_GROUPS, MAX_LINES, MAX_PREFIXES, MAX_RULES, MAX_WAITERS,
+        PORTS, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleBudget, RuleEntry, RuleStats,
+        WaitKey, Waiter,
     },
 };
 
@@ -50,6 +53,31 @@ pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason
 /// Clients waiting in line (`defer`), proven by a retransmission. Written by the program.
 #[map]
 pub static WAITERS: LruHashMap<WaitKey, Waiter> = LruHashMap::with_max_entries(MAX_WAITERS, 0);
+
+/// The calendars of congested `defer` groups (`shaper_common::line::Calendar`): when
+/// their waiting clients are expected to knock. Made by the program on a group's first
+/// refusal of a proven client (LRU: the least used calendar goes first when full).
+#[map]
+pub static LINES: LruHashMap<LineKey, Calendar> = LruHashMap::with_max_entries(MAX_LINES, 0);
+
+/// A waiting client's key, its knocks and its group's calendar key while one SYN is
+/// decided: `defer`'s temporaries, kept here rather than on the stack (the verifier
+/// bounds what a chain of calls may use, and the policer's frame takes half).
+#[repr(C)]
+pub struct Scratch {
+    pub wait_key: WaitKey,
+    pub knocks: Knocks,
+    pub line_key: LineKey,
+    pub isn: u32,
+    /// What the line knows of the SYN (`police::found`).
+    pub known: u32,
+    pub probe_slot: u32,
+    pub probe_tag: u32,
+}
+
+/// This CPU's [`Scratch`] (XDP runs a packet to its end on one CPU).
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// First SYNs of congested `defer` groups, direct-mapped by identity hash. Its size is
 /// fixed (the program masks with it). Written by the program.

@@ -9,22 +9,33 @@ use core::{
 };
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
+    cty::c_void,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_jiffies64, bpf_loop},
+    },
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit_two_clocks, group_v4, group_v6, jiffies,
-    line::{AGE_BUCKETS, Decision, Known, LineState, Remember, knock, probe_hash, probe_tag},
+    knocks::Knocks,
+    line::{
+        Calendar, Decision, Known, LineBudget, LineState, Remember, Repeat, Round, knock,
+        probe_hash, probe_tag,
+    },
     maps::{
-        GEN_BITS, GroupState, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleEntry, UNOWNED,
-        WaitKey, Waiter, action, config, family, rule_flags,
+        GEN_BITS, GroupSlot, GroupState, LineKey, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot,
+        RuleEntry, UNOWNED, WaitKey, Waiter, action, config, family, rule_flags,
     },
 };
 
 use crate::{
-    maps::{CONFIG, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES, RULES_V4, RULES_V6, WAITERS},
+    maps::{
+        CONFIG, LINES, PROBES, PROTECTED_PORTS, RULE_BUDGETS, RULES, RULES_V4, RULES_V6, SCRATCH,
+        Scratch, WAITERS,
+    },
     parse::{Addr, Attempt, Source},
     stats::{count_rule, count_wait},
     table::{self, Found, Gk},
@@ -201,16 +212,15 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
         key = group_key(family, addr, rule.group_len, view().seed);
         group_state(Found::NONE, &key, rule.rule_id)
     };
-    let group = group.state();
     if rule.action == action::DEFER && rule.interval_ns != 0 {
         // Null when the group table had no room (five arguments at most on BPF).
-        let d = defer(ctx, attempt, rule, group.unwrap_or(core::ptr::null_mut()));
+        let d = defer(ctx, attempt, rule, group.slot());
         if d.became_congested {
             log_congested(ctx, rule.rule_id);
         }
         return d.reason;
     }
-    let verdict = budget_verdict(rule, group);
+    let verdict = budget_verdict(rule, group.state());
     match (verdict, rule.action) {
         (Verdict::Admit, _) => {
             count_rule(rule.rule_id, Outcome::Admitted);
@@ -373,16 +383,16 @@ fn budget_verdict(rule: &RuleEntry, group: Option<*mut GroupState>) -> Verdict {
         return Verdict::Contended;
     };
     let (coarse, lag, jiffies) = coarse_clock();
-    admit_budget(rule, group, 0, coarse, lag, || exact_clock(jiffies))
+    admit_budget(rule, group, coarse, lag, || exact_clock(jiffies))
 }
 
 /// Admit against the group's budget word and, if the rule has one, its ceiling, on
 /// the exact clock. A function of its own: `defer` calls it from several places, and
 /// the verifier then checks one body instead of one copy per place.
 #[inline(never)]
-fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64) -> Verdict {
+fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64) -> Verdict {
     // No coarse reading can be sure (its lag covers all time): the exact clock decides.
-    admit_budget(rule, group, reserve, 0, u64::MAX, || now)
+    admit_budget(rule, group, 0, u64::MAX, || now)
 }
 
 /// [`take_budget`] with two clocks (see `shaper_common::admit_two_clocks`), inlined
@@ -391,7 +401,6 @@ fn take_budget(rule: &RuleEntry, group: *mut GroupState, now: u64, reserve: u64)
 fn admit_budget(
     rule: &RuleEntry,
     group: *mut GroupState,
-    reserve: u64,
     coarse: u64,
     lag: u64,
     exact: impl FnOnce() -> u64,
@@ -399,8 +408,7 @@ fn admit_budget(
     let group_budget = Budget {
         interval_ns: rule.interval_ns,
         tolerance_ns: rule.tolerance_ns,
-    }
-    .reserving(reserve);
+    };
     // SAFETY: `group` points into a live GROUPS value (checked lookup).
     let group = MapCell(unsafe { &raw mut (*group).tat_ns });
     if rule.ceiling_interval_ns == 0 {
@@ -434,12 +442,10 @@ pub(crate) static NEW_GROUP: GroupState = GroupState {
     epoch: 0,
     line: LineState {
         congested_until_ns: 0,
-        sec: 0,
-        hist: [0; AGE_BUCKETS],
-        thr: 0,
         q_epoch: 0,
         q_cur: 0,
         q_prev: 0,
+        _pad: 0,
     },
 };
 
@@ -488,114 +494,272 @@ struct Deferral {
     became_congested: bool,
 }
 
-/// `defer`: the group's waiting line decides (see `shaper_common::line`). A function
-/// of its own (a BPF-to-BPF call) so its stack does not add to the drop path's.
-#[inline(never)]
-fn defer(
-    ctx: &XdpContext,
-    attempt: &Attempt,
-    rule: &RuleEntry,
+/// Loops of the line's calendar through the `bpf_loop` helper: the verifier checks the
+/// body once (a plain loop over the calendar's slots is checked once per round, and
+/// that is past its limit).
+struct BpfLoop;
+
+impl Repeat for BpfLoop {
+    #[inline(always)]
+    fn repeat<B: Round>(n: u32, body: &mut B) {
+        /// One round: 0 goes on, 1 stops (the helper's contract).
+        unsafe extern "C" fn round<B: Round>(i: u64, ctx: *mut c_void) -> i64 {
+            // SAFETY: `ctx` is the `body` passed below, alive for the whole loop.
+            let body = unsafe { &mut *ctx.cast::<B>() };
+            if body.round(i as u32) { 0 } else { 1 }
+        }
+        // SAFETY: a static callback of the helper's signature and a context pointer to
+        // the caller's body; the helper runs at most `n` rounds.
+        unsafe { bpf_loop(n, round::<B> as *mut c_void, (body as *mut B).cast(), 0) };
+    }
+}
+
+/// An empty calendar, in global data (1.5 KiB: far over the stack): what a group's
+/// first refusal of a proven client puts in `LINES`.
+static EMPTY_CALENDAR: Calendar = Calendar::EMPTY;
+
+/// The group's budget as its line sees it, on the exact clock read once.
+struct GroupBudget<'a> {
+    rule: &'a RuleEntry,
     group: *mut GroupState,
-) -> Deferral {
-    let mut key = MaybeUninit::<WaitKey>::uninit();
-    let (false, Ok(isn)) = (group.is_null(), attempt.wait_key(ctx, key.as_mut_ptr())) else {
+    now: u64,
+}
+
+impl LineBudget for GroupBudget<'_> {
+    #[inline(always)]
+    fn full_at(&self) -> u64 {
+        // SAFETY: a live GROUPS value; the word is written whole (compare-and-swap).
+        unsafe { core::ptr::read_volatile(&raw const (*self.group).tat_ns) }
+    }
+
+    #[inline(always)]
+    fn take(&self) -> Verdict {
+        take_budget(self.rule, self.group, self.now)
+    }
+}
+
+/// The calendar of the group in `slot` (made if it has none yet), or none if `LINES`
+/// could not give one (the line then admits in turn as the budget allows).
+#[inline(never)]
+fn calendar(slot: *mut GroupSlot, rule_id: u32, scratch: *mut Scratch) -> *mut Calendar {
+    // SAFETY: this CPU's scratch value (checked lookup).
+    let key = unsafe { &raw mut (*scratch).line_key };
+    let w = key.cast::<u32>();
+    // SAFETY: a live GROUPS value (read racily: a slot reclaimed meanwhile only keys a
+    // calendar nobody finds again); eight aligned words cover the key.
+    let key = unsafe {
+        let k = (&raw const (*slot).key).cast::<u32>();
+        let mut i = 0;
+        while i < 5 {
+            w.add(i).write_volatile(k.add(i).read_volatile());
+            i += 1;
+        }
+        w.add(5).write_volatile(rule_id);
+        let tag = core::ptr::read_volatile(&raw const (*slot).tag);
+        w.add(6).write_volatile(tag as u32);
+        w.add(7).write_volatile((tag >> 32) as u32);
+        &*key
+    };
+    if let Some(c) = LINES.get_ptr_mut(key) {
+        return c;
+    }
+    // Another CPU may make it at the same time: whichever insert lands, both use it.
+    let _ = LINES.insert(key, &EMPTY_CALENDAR, 0);
+    LINES.get_ptr_mut(key).unwrap_or(core::ptr::null_mut())
+}
+
+/// What [`defer_lookup`] found ([`Scratch::known`]).
+mod found {
+    pub const NOTHING: u32 = 0;
+    pub const PROBED: u32 = 1;
+    pub const WAITING: u32 = 2;
+}
+
+/// The SYN's probe slot and tag, into the scratch value (a call of its own: the hash's
+/// ten words stay off `defer`'s frame).
+#[inline(never)]
+fn defer_probe(scratch: *mut Scratch) {
+    // SAFETY: this CPU's scratch value, its wait key and ISN written by `defer`.
+    unsafe {
+        let hash = probe_hash(&(*scratch).wait_key.probe_words((*scratch).isn));
+        (*scratch).probe_slot = (hash as u32) & (PROBE_SLOTS - 1);
+        (*scratch).probe_tag = probe_tag(hash);
+    }
+}
+
+/// Look the SYN up in the line (a waiter with the same ISN) and the probes; what is
+/// found goes into the scratch value (`known`, `knocks`). Returns the waiter's entry
+/// (null: none), which `defer` writes in place at each of its knocks.
+#[inline(never)]
+fn defer_lookup(scratch: *mut Scratch) -> *mut Waiter {
+    defer_probe(scratch);
+    // SAFETY: this CPU's scratch value; map values copied out right away.
+    unsafe {
+        let s = &mut *scratch;
+        if let Some(w) = WAITERS.get_ptr_mut(&s.wait_key)
+            && (*w).isn == s.isn
+        {
+            s.knocks = (*w).knocks;
+            s.known = found::WAITING;
+            return w;
+        }
+        s.known = match PROBES.get(s.probe_slot) {
+            Some(p) if p.tag == s.probe_tag => {
+                s.knocks.first_seen_ns = p.first_seen_ns;
+                found::PROBED
+            }
+            _ => found::NOTHING,
+        };
+    }
+    core::ptr::null_mut()
+}
+
+/// Keep what the line decided to remember: the probe, a new waiter or a waiter's
+/// knocks; forget the waiter of an admitted client.
+#[inline(never)]
+fn defer_keep(scratch: *mut Scratch, waiter: *mut Waiter, what: u32, rule_id: u32, now: u64) {
+    // SAFETY: this CPU's scratch value; `waiter` null or the live WAITERS value found.
+    unsafe {
+        let s = &mut *scratch;
+        match what {
+            KEEP_FORGET => {
+                if !waiter.is_null() {
+                    let _ = WAITERS.remove(&s.wait_key);
+                }
+            }
+            KEEP_PROBE => {
+                if !waiter.is_null() {
+                    let _ = WAITERS.remove(&s.wait_key);
+                }
+                defer_probe(scratch);
+                if let Some(p) = PROBES.get_ptr_mut(s.probe_slot) {
+                    let probe = ProbeSlot {
+                        tag: s.probe_tag,
+                        _pad: 0,
+                        first_seen_ns: now,
+                    };
+                    // A racing CPU's write to the same slot only replaces one probe
+                    // with another.
+                    p.write_volatile(probe);
+                }
+            }
+            KEEP_KNOCKS => {
+                if !waiter.is_null() {
+                    (&raw mut (*waiter).knocks).write_volatile(s.knocks);
+                }
+            }
+            KEEP_WAITER => {
+                let w = Waiter {
+                    isn: s.isn,
+                    rule_id,
+                    knocks: s.knocks,
+                };
+                let _ = WAITERS.insert(&s.wait_key, w, 0);
+            }
+            _ => {}
+        }
+    }
+}
+
+const KEEP_NOTHING: u32 = 0;
+const KEEP_FORGET: u32 = 1;
+const KEEP_PROBE: u32 = 2;
+const KEEP_KNOCKS: u32 = 3;
+const KEEP_WAITER: u32 = 4;
+
+/// `defer`: the group's waiting line decides (see `shaper_common::line`). A function
+/// of its own (a BPF-to-BPF call) so its stack does not add to the drop path's; the
+/// lookups and the writes are calls of their own too, and the big temporaries live in
+/// this CPU's scratch value: the verifier bounds the stack of a whole chain of calls,
+/// and the policer's frame takes half of it.
+#[inline(never)]
+fn defer(ctx: &XdpContext, attempt: &Attempt, rule: &RuleEntry, slot: *mut GroupSlot) -> Deferral {
+    let scratch = SCRATCH.get_ptr_mut(0).unwrap_or(core::ptr::null_mut());
+    // SAFETY: this CPU's scratch value, when there is one.
+    let key_ptr = unsafe { &raw mut (*scratch).wait_key };
+    let (false, false, Ok(isn)) = (
+        slot.is_null(),
+        scratch.is_null(),
+        attempt.wait_key(ctx, key_ptr),
+    ) else {
         count_rule(rule.rule_id, Outcome::Dropped);
         return Deferral {
             reason: Reason::Contended,
             became_congested: false,
         };
     };
-    // SAFETY: `wait_key` returned `Ok`: it wrote the whole key.
-    let key: &WaitKey = unsafe { key.assume_init_ref() };
+    // SAFETY: this CPU's scratch value.
+    unsafe { (*scratch).isn = isn };
+    // SAFETY: a live GROUPS value.
+    let group = unsafe { &raw mut (*slot).state };
     // SAFETY: an inlined helper without arguments.
     let now = exact_clock(unsafe { bpf_jiffies64() });
     // SAFETY: points into the live GROUPS value; CPUs may race on these fields, which
     // only shifts the order (the budget word is updated by compare-and-swap).
     let line: &mut LineState = unsafe { &mut (*group).line };
-    // The probe slot and tag of this SYN: not needed for a quiet group's SYN unless it
-    // is deferred (then it has to prove itself).
-    let probe = || {
-        let hash = probe_hash(&key.probe_words(isn));
-        ((hash as u32) & (PROBE_SLOTS - 1), probe_tag(hash))
-    };
-    let mut waiting = false;
-    let known = if line.quiet(now) {
-        Known::Unknown
+    // A quiet group's SYN needs no lookup (nor its probe hash, unless it is deferred).
+    let waiter = if line.quiet(now) {
+        // SAFETY: this CPU's scratch value.
+        unsafe { (*scratch).known = found::NOTHING };
+        core::ptr::null_mut()
     } else {
-        let (slot, tag) = probe();
-        // SAFETY: the value is copied out right away.
-        match unsafe { WAITERS.get(key) }.copied() {
-            Some(w) if w.isn == isn => {
-                waiting = true;
-                Known::Waiting {
-                    first_seen_ns: w.first_seen_ns,
-                }
-            }
-            _ => match PROBES.get(slot) {
-                Some(p) if p.tag == tag => Known::Probed {
-                    first_seen_ns: p.first_seen_ns,
-                },
-                _ => Known::Unknown,
+        defer_lookup(scratch)
+    };
+    // SAFETY: as above.
+    let known = unsafe {
+        match (*scratch).known {
+            found::WAITING => Known::Waiting {
+                knocks: (*scratch).knocks,
             },
+            found::PROBED => Known::Probed {
+                first_seen_ns: (*scratch).knocks.first_seen_ns,
+            },
+            _ => Known::Unknown,
         }
     };
+    // Only a proven client's knock in a busy group asks the calendar.
+    let cal = if matches!(known, Known::Unknown) {
+        core::ptr::null_mut()
+    } else {
+        calendar(slot, rule.rule_id, scratch)
+    };
+    // SAFETY: null or a live LINES value; CPUs race on its slots, which only loses a
+    // prediction (see `shaper_common::line`).
+    let cal = unsafe { cal.as_mut() };
     let was_congested = now < line.congested_until_ns;
-    let decision = knock(line, &rule.line_rule(), known, now, |reserve| {
-        take_budget(rule, group, now, reserve)
-    });
+    let budget = GroupBudget { rule, group, now };
+    // SAFETY: this CPU's scratch value.
+    let knocks = unsafe { &mut (*scratch).knocks };
+    let decision = knock::<BpfLoop>(line, cal, &rule.line_rule(), known, now, &budget, knocks);
     let became_congested = !was_congested && now < line.congested_until_ns;
-    let reason = match decision {
+    let (reason, keep) = match decision {
         Decision::Admit => {
-            if waiting {
-                let _ = WAITERS.remove(key);
-            }
             count_rule(rule.rule_id, Outcome::Admitted);
-            Reason::Admitted
+            (Reason::Admitted, KEEP_FORGET)
         }
         Decision::AdmitAfterWait { wait_ns } => {
-            if waiting {
-                let _ = WAITERS.remove(key);
-            }
             count_rule(rule.rule_id, Outcome::AdmittedAfterWait);
             count_wait(rule.rule_id, wait_ns);
-            Reason::AdmittedAfterWait
+            (Reason::AdmittedAfterWait, KEEP_FORGET)
         }
         Decision::Defer { remember } => {
-            match remember {
-                Remember::Nothing => {}
-                Remember::Probe => {
-                    if waiting {
-                        let _ = WAITERS.remove(key);
-                    }
-                    let (slot, tag) = probe();
-                    if let Some(p) = PROBES.get_ptr_mut(slot) {
-                        let probe = ProbeSlot {
-                            tag,
-                            _pad: 0,
-                            first_seen_ns: now,
-                        };
-                        // SAFETY: a checked slot of the array; a racing CPU's write
-                        // to the same slot only replaces one probe with another.
-                        unsafe { p.write_volatile(probe) };
-                    }
-                }
-                Remember::Waiter { first_seen_ns } => {
-                    let w = Waiter {
-                        isn,
-                        rule_id: rule.rule_id,
-                        first_seen_ns,
-                    };
-                    let _ = WAITERS.insert(key, w, 0);
-                }
-            }
             count_rule(rule.rule_id, Outcome::Deferred);
-            Reason::Deferred
+            let keep = match remember {
+                Remember::Nothing => KEEP_NOTHING,
+                Remember::Probe => KEEP_PROBE,
+                Remember::Knocks => KEEP_KNOCKS,
+                Remember::Waiter => KEEP_WAITER,
+            };
+            (Reason::Deferred, keep)
         }
         Decision::QueueFull => {
             count_rule(rule.rule_id, Outcome::QueueFull);
-            Reason::QueueFull
+            (Reason::QueueFull, KEEP_NOTHING)
         }
     };
+    if keep != KEEP_NOTHING {
+        defer_keep(scratch, waiter, keep, rule.rule_id, now);
+    }
     Deferral {
         reason,
         became_congested,

@@ -87,6 +87,12 @@ impl Found {
         Some(unsafe { &raw mut (*self.slot).state })
     }
 
+    /// The slot (null: none).
+    #[inline(always)]
+    pub fn slot(&self) -> *mut GroupSlot {
+        self.slot
+    }
+
     /// Does the slot still hold the key it held when found?
     #[inline(always)]
     pub fn still(&self) -> bool {

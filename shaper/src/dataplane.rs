@@ -32,6 +32,8 @@ pub struct Capacity {
     pub groups: u32,
     /// Clients waiting in line, all `defer` groups together (LRU).
     pub waiters: u32,
+    /// Calendars of congested `defer` groups at once (LRU).
+    pub lines: u32,
 }
 
 impl Default for Capacity {
@@ -41,6 +43,7 @@ impl Default for Capacity {
             prefixes: MAX_PREFIXES,
             groups: MAX_GROUPS,
             waiters: MAX_WAITERS,
+            lines: shaper_common::maps::MAX_LINES,
         }
     }
 }
@@ -118,7 +121,8 @@ impl Dataplane {
             .map_max_entries(MAP_RULES_V4, capacity.prefixes)
             .map_max_entries(MAP_RULES_V6, capacity.prefixes)
             .map_max_entries(shaper_common::maps::MAP_GROUPS, capacity.groups)
-            .map_max_entries(shaper_common::maps::MAP_WAITERS, capacity.waiters);
+            .map_max_entries(shaper_common::maps::MAP_WAITERS, capacity.waiters)
+            .map_max_entries(shaper_common::maps::MAP_LINES, capacity.lines);
         if let Some(dir) = dir {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             crate::pins::check_layout(dir, &capacity)?;
@@ -417,7 +421,7 @@ impl Dataplane {
 
     /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters.
     pub fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
-        use shaper_common::maps::{MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
+        use shaper_common::maps::{LineKey, MAP_GROUPS, MAP_LINES, MAP_WAITERS, WaitKey, Waiter};
         // Slots holding a group (or probe entry): their tags, one word each.
         let groups = MapMemory::new(&self.ebpf, MAP_GROUPS).map_or(0, |m| {
             (0..m.entries())
@@ -429,6 +433,11 @@ impl Dataplane {
         });
         let waiters = self.ebpf.map(MAP_WAITERS).and_then(|m| {
             aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
+                .ok()
+                .map(|h| h.keys().count() as u64)
+        });
+        let lines = self.ebpf.map(MAP_LINES).and_then(|m| {
+            aya::maps::HashMap::<_, LineKey, shaper_common::line::Calendar>::try_from(m)
                 .ok()
                 .map(|h| h.keys().count() as u64)
         });
@@ -458,6 +467,7 @@ impl Dataplane {
             ),
             (MAP_GROUPS, groups, u64::from(c.groups)),
             (MAP_WAITERS, waiters.unwrap_or(0), u64::from(c.waiters)),
+            (MAP_LINES, lines.unwrap_or(0), u64::from(c.lines)),
         ]
     }
 

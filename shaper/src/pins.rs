@@ -13,8 +13,8 @@ use aya::maps::MapData;
 use shaper_common::{
     Reason,
     maps::{
-        Config, GroupSlot, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_PROBES,
-        MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES,
+        Config, GroupSlot, LineKey, MAP_CONFIG, MAP_GLOBAL_STATS, MAP_GROUPS, MAP_LINES,
+        MAP_PROBES, MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS, MAP_RULE_STATS, MAP_RULES,
         MAP_RULES_V4, MAP_RULES_V6, MAP_WAITERS, PORTS, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot,
         RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter,
     },
@@ -34,7 +34,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const LINK: &str = "link";
 
 /// The maps that are pinned (the program's global data is not).
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 13] = [
     MAP_RULES_V4,
     MAP_RULES_V6,
     MAP_PROTECTED_PORTS,
@@ -44,6 +44,7 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_GLOBAL_STATS,
     MAP_WAITERS,
     MAP_PROBES,
+    MAP_LINES,
     MAP_CONFIG,
     MAP_RULE_IDS,
     MAP_RULES,
@@ -123,6 +124,11 @@ fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
         MAP_GLOBAL_STATS => (4, 8, Reason::COUNT),
         MAP_WAITERS => (s(size_of::<WaitKey>()), s(size_of::<Waiter>()), cap.waiters),
         MAP_PROBES => (4, s(size_of::<ProbeSlot>()), PROBE_SLOTS),
+        MAP_LINES => (
+            s(size_of::<LineKey>()),
+            s(size_of::<shaper_common::line::Calendar>()),
+            cap.lines,
+        ),
         _ => return None,
     })
 }

@@ -84,8 +84,8 @@ pub struct GroupReport {
     pub accepted_per_s: Vec<usize>,
     /// Most the server accepted from the group in any 1-s window.
     pub max_1s: usize,
-    /// Seconds during which some client of the group was waiting, and what the server
-    /// accepted from the group in them.
+    /// Seconds in which a waiting client of the group knocked (retransmitted its SYN),
+    /// and what the server accepted from the group in them.
     pub busy_s: usize,
     pub accepted_busy: usize,
 }
@@ -411,26 +411,34 @@ fn group_report(
         .map(|x| x.1)
         .collect();
     let per_s = per_second(&times);
-    // A second is busy when some client of the group waits through its middle: it
-    // started, has not connected, and has a SYN still to send (after its last SYN a
-    // client cannot get in, whatever the budget).
-    let waiting_until = |c: &Client| {
-        let last = c.stack.schedule().0.last().copied().unwrap_or(0) as f64;
-        let last_syn = c.started + last * 1.08 + 0.5;
-        c.connected.unwrap_or(end).min(last_syn)
-    };
-    let mut busy_s = 0;
-    let mut accepted_busy = 0;
-    for s in 0..end.ceil() as usize {
-        let mid = s as f64 + 0.5;
-        if ours
-            .iter()
-            .any(|c| c.started <= mid && waiting_until(c) > mid)
-        {
-            busy_s += 1;
-            accepted_busy += per_s.get(s).copied().unwrap_or(0);
+    // A second counts when a waiting client of the group knocks in it (retransmits its
+    // SYN): only then can a knock-driven line use the budget. Each client's SYNs are
+    // its stack's schedule from its first (timers run a few % late), up to the one
+    // that connected it (TCP_INFO's count).
+    let mut knock_s = vec![false; end.ceil() as usize + 1];
+    for c in &ours {
+        let (offsets, _) = c.stack.schedule();
+        let sent = if c.connected.is_some() {
+            (c.syns as usize).min(offsets.len())
+        } else {
+            offsets.len()
+        };
+        for off in offsets.iter().take(sent).skip(1) {
+            let t = c.started + *off as f64 * 1.03;
+            if t < end
+                && let Some(k) = knock_s.get_mut(t as usize)
+            {
+                *k = true;
+            }
         }
     }
+    let busy_s = knock_s.iter().filter(|k| **k).count();
+    let accepted_busy = knock_s
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| **k)
+        .map(|(s, _)| per_s.get(s).copied().unwrap_or(0))
+        .sum();
     GroupReport {
         net,
         clients: n,

@@ -311,25 +311,6 @@ proptest! {
 }
 
 #[test]
-fn reserving_holds_back_part_of_the_burst_only() {
-    let b = Budget::per_second(10, 5);
-    assert_eq!(b.reserving(0), b);
-    assert_eq!(b.reserving(2).interval_ns, b.interval_ns);
-    assert_eq!(b.reserving(2).tolerance_ns, 2 * b.interval_ns);
-    assert_eq!(b.reserving(4).tolerance_ns, 0);
-    assert_eq!(b.reserving(u64::MAX).tolerance_ns, 0);
-    assert_eq!(Budget::NONE.reserving(3), Budget::NONE);
-    // Holding back two of five: from a full budget, three at once, then the rate.
-    let cell = plain(0);
-    let r = b.reserving(2);
-    let now = 10_000_000_000;
-    let taken = (0..5)
-        .filter(|_| matches!(take(&cell, &r, now), Take::Taken { .. }))
-        .count();
-    assert_eq!(taken, 3);
-}
-
-#[test]
 fn surely_over_needs_the_whole_lag() {
     // 1/s, burst 1: after an admission at 10 s the next conforms at 11 s.
     let b = Budget::per_second(1, 1);

@@ -141,7 +141,7 @@ impl Policy {
                     ceiling_interval_ns: ceiling.interval_ns,
                     ceiling_tolerance_ns: ceiling.tolerance_ns,
                     max_wait_ns: u64::try_from(r.max_wait.as_nanos()).unwrap_or(u64::MAX),
-                    line_rate: u32::try_from(r.rate.per_second_ceil()).unwrap_or(u32::MAX),
+                    _pad1: 0,
                     queue_cap: r.max_waiting,
                 },
             ));

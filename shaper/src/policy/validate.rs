@@ -15,9 +15,9 @@ pub const MAX_RULES: usize = shaper_common::maps::MAX_RULES as usize;
 const MAX_RATE_PER_S: u128 = 1_000_000;
 const MAX_BURST: i64 = 1_000_000;
 const MAX_WAIT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
-/// Long enough for the late SYN retransmissions of Linux (31 s and 35 s after the
-/// first SYN) to find their place.
-const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+/// Past every stack's last SYN retransmission (Linux's at ~67 s after the first SYN,
+/// older Linux's at ~63 s), so each client's last knock still has its place.
+const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(90);
 /// Most clients one group may keep waiting (`max_waiting`).
 const MAX_WAITING: u32 = 1_000_000;
 

@@ -119,16 +119,36 @@ fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "prog".into());
     match which.as_str() {
         "prog" => prog(),
-        "storm" => storm(std::env::args().skip(2).any(|a| a == "--quick")),
+        "storm" => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            // `--only LOAD:BURST[,…]`: just those points (e.g. `--only 3:5,6:20`).
+            let only = args
+                .iter()
+                .position(|a| a == "--only")
+                .and_then(|i| args.get(i + 1))
+                .map(|v| {
+                    v.split(',')
+                        .filter_map(|p| {
+                            let (l, b) = p.split_once(':')?;
+                            Some((l.parse::<f64>().ok()?, b.parse::<u32>().ok()?))
+                        })
+                        .collect::<Vec<_>>()
+                });
+            storm(args.iter().any(|a| a == "--quick"), only)
+        }
         _ => bail!("unknown benchmark `{which}` (available: prog, storm)"),
     }
 }
 
 /// The line's sweep. `--quick`: three points, one storm each, no flood: it runs every
 /// part (both actions, four stacks, the report) and judges nothing.
-fn storm(quick: bool) -> Result<()> {
+fn storm(quick: bool, only: Option<Vec<(f64, u32)>>) -> Result<()> {
     use shaper_tests::sweep::{self, Point};
-    let points = if quick {
+    let points = if let Some(only) = only {
+        only.into_iter()
+            .map(|(overload, burst)| Point { overload, burst })
+            .collect()
+    } else if quick {
         vec![
             Point {
                 overload: 1.5,
