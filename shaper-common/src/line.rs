@@ -347,8 +347,10 @@ impl Calendar {
     }
 
     /// Take back the knock expected at `at` from a client first seen at
-    /// `first_seen_ns`, if its slot still holds it (the client got in before).
-    #[inline(always)]
+    /// `first_seen_ns`, if its slot still holds it (a call of its own in the XDP
+    /// program).
+    #[cfg_attr(target_arch = "bpf", inline(never))]
+    #[cfg_attr(not(target_arch = "bpf"), inline(always))]
     pub fn forget<R: Repeat>(&mut self, now: u64, at: u64, first_seen_ns: u64) {
         let (mut near, mut far) = self.rings();
         near.advance::<R>(now);

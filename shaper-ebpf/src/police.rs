@@ -20,14 +20,13 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use shaper_common::{
     Budget, Outcome, Reason, TatCell, Verdict, admit_two_clocks, group_v4, group_v6, jiffies,
-    knocks::Knocks,
     line::{
         Calendar, Decision, Known, LineBudget, LineState, Remember, Repeat, Round, knock,
         probe_hash, probe_tag,
     },
     maps::{
-        GEN_BITS, GroupSlot, GroupState, LineKey, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot,
-        RuleEntry, UNOWNED, WaitKey, Waiter, action, config, family, rule_flags,
+        GEN_BITS, GroupSlot, GroupState, PROBE_SLOTS, PrefixV4, PrefixV6, ProbeSlot, RuleEntry,
+        UNOWNED, WaitKey, Waiter, action, config, family, rule_flags,
     },
 };
 
@@ -339,7 +338,7 @@ fn words(a: [u8; 16]) -> [u32; 4] {
 struct LpmKey<K>(Key<K>);
 
 /// The rule for an IPv4 source in policy generation `pgen`.
-#[inline(always)]
+#[inline(never)]
 fn rule_v4(pgen: u8, a: [u8; 4]) -> Option<&'static RuleEntry> {
     let mut key = MaybeUninit::<LpmKey<PrefixV4>>::uninit();
     let w = key.as_mut_ptr().cast::<u32>();
@@ -353,7 +352,7 @@ fn rule_v4(pgen: u8, a: [u8; 4]) -> Option<&'static RuleEntry> {
 }
 
 /// The rule for an IPv6 source in policy generation `pgen`.
-#[inline(always)]
+#[inline(never)]
 fn rule_v6(pgen: u8, a: [u8; 16]) -> Option<&'static RuleEntry> {
     let mut key = MaybeUninit::<LpmKey<PrefixV6>>::uninit();
     let w = key.as_mut_ptr().cast::<u32>();
@@ -564,7 +563,9 @@ fn calendar(slot: *mut GroupSlot, rule_id: u32, scratch: *mut Scratch) -> *mut C
         return c;
     }
     // Another CPU may make it at the same time: whichever insert lands, both use it.
-    let _ = LINES.insert(key, &EMPTY_CALENDAR, 0);
+    // By reference (a copy would not fit the stack).
+    let empty: &Calendar = &EMPTY_CALENDAR;
+    let _ = LINES.insert(key, empty, 0);
     LINES.get_ptr_mut(key).unwrap_or(core::ptr::null_mut())
 }
 
@@ -596,7 +597,9 @@ fn defer_lookup(scratch: *mut Scratch) -> *mut Waiter {
     // SAFETY: this CPU's scratch value; map values copied out right away.
     unsafe {
         let s = &mut *scratch;
-        if let Some(w) = WAITERS.get_ptr_mut(&s.wait_key)
+        // The key by reference, in the scratch value (a copy would land on the stack).
+        let key: &WaitKey = &s.wait_key;
+        if let Some(w) = WAITERS.get_ptr_mut(key)
             && (*w).isn == s.isn
         {
             s.knocks = (*w).knocks;
@@ -621,15 +624,16 @@ fn defer_keep(scratch: *mut Scratch, waiter: *mut Waiter, what: u32, rule_id: u3
     // SAFETY: this CPU's scratch value; `waiter` null or the live WAITERS value found.
     unsafe {
         let s = &mut *scratch;
+        let key: &WaitKey = &(*scratch).wait_key;
         match what {
             KEEP_FORGET => {
                 if !waiter.is_null() {
-                    let _ = WAITERS.remove(&s.wait_key);
+                    let _ = WAITERS.remove(key);
                 }
             }
             KEEP_PROBE => {
                 if !waiter.is_null() {
-                    let _ = WAITERS.remove(&s.wait_key);
+                    let _ = WAITERS.remove(key);
                 }
                 defer_probe(scratch);
                 if let Some(p) = PROBES.get_ptr_mut(s.probe_slot) {
@@ -654,7 +658,7 @@ fn defer_keep(scratch: *mut Scratch, waiter: *mut Waiter, what: u32, rule_id: u3
                     rule_id,
                     knocks: s.knocks,
                 };
-                let _ = WAITERS.insert(&s.wait_key, w, 0);
+                let _ = WAITERS.insert(key, w, 0);
             }
             _ => {}
         }

@@ -19,9 +19,12 @@ use socket2::{Domain, Socket, Type};
 
 const WATCH: Duration = Duration::from_secs(22);
 
+/// SYN times (s after the first) and when `connect` gave up, if it did.
+type Seen = (Vec<f64>, Option<f64>);
+
 /// Seconds (after the first) of every SYN leaving `cli`, and whether `connect` failed
 /// with a timeout before `WATCH` ran out.
-fn observe(stack: Stack) -> Result<(Vec<f64>, Option<f64>)> {
+fn observe(stack: Stack) -> Result<Seen> {
     let cli = Netns::new("stk")?;
     let sink = Netns::new("sink")?;
     veth(&cli, "c0", &sink, "s0")?;
@@ -140,7 +143,7 @@ fn run_in_cgroup(ns: &Netns, cgroup: &std::path::Path, dst: SocketAddr) -> Resul
 #[test]
 fn every_stack_retransmits_on_its_schedule() {
     shaper_tests::progrun::require_bpf();
-    let results: Vec<(Stack, Result<(Vec<f64>, Option<f64>)>)> = std::thread::scope(|s| {
+    let results: Vec<(Stack, Result<Seen>)> = std::thread::scope(|s| {
         let hs: Vec<_> = Stack::ALL
             .iter()
             .map(|&st| (st, s.spawn(move || observe(st))))

@@ -77,6 +77,8 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::setup()?;
             cargo(&["build", "--release", "-p", "shaper"])?;
+            // The demo's crowds run in the crowd helper, a binary of its own.
+            cargo(&["build", "--release", "-p", "shaper-tests", "--bins"])?;
             let bin = workspace_root().join("target/release/shaper");
             cargo_env(
                 &[

@@ -542,10 +542,13 @@ fn replayed_storms_sweep() {
                 e += defer.connected;
                 rd += drop.rho / 4.0;
                 re += defer.rho / 4.0;
-                for k in 0..4 {
-                    per[k].0 += drop.per_stack[k].0;
-                    per[k].1 += defer.per_stack[k].0;
-                    per[k].2 += drop.per_stack[k].1;
+                for (p, (d, e)) in per
+                    .iter_mut()
+                    .zip(drop.per_stack.iter().zip(&defer.per_stack))
+                {
+                    p.0 += d.0;
+                    p.1 += e.0;
+                    p.2 += d.1;
                 }
             }
             rows.push_str(&format!(

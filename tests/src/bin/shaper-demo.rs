@@ -1,17 +1,14 @@
 //! `cargo xtask demo`: an 8 a.m. storm in a network-namespace testbed, played twice, with
 //! `drop` and then with `defer`. The real daemon (`shaper run`) guards the server's veth;
-//! pupils of three schools (/24s) connect with real kernel TCP clients (half of them with
-//! older Linux's SYN retransmission schedule) faster than their quota, while a spoofed
+//! pupils of three schools (/24s) connect with real kernel TCP clients (Linux 6.x, older
+//! Linux, Windows and macOS retransmission schedules mixed) faster than their quota, while a spoofed
 //! flood of first SYNs hits the first school's /24. Nothing touches the machine's own
 //! interfaces; the testbed is removed at the end.
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use shaper_tests::{
-    stacks::Stack,
-    storm::{self, Live, StormReport, StormSpec, counter},
-};
+use shaper_tests::storm::{self, Live, StormReport, StormSpec, counter};
 
 const RATE: u32 = 10;
 const BURST: u32 = 5;
@@ -28,7 +25,7 @@ fn spec(action: &'static str) -> StormSpec {
             ([198, 18, 3], 300),
         ],
         max_wait: Duration::from_secs(90),
-        mix: vec![(Stack::Linux, 1), (Stack::OldLinux, 1)],
+        mix: shaper_tests::sweep::mix(),
         spread: Duration::from_secs(20),
         deadline: Duration::from_secs(42),
         flood_per_s: FLOOD,
