@@ -567,7 +567,10 @@ fn cli_exit_codes_and_json() {
         .map(|m| m.iter().filter_map(|m| m["name"].as_str()).collect())
         .unwrap_or_default();
     for name in ["RULES_V4", "RULES_V6", "GROUPS", "WAITERS", "LINES"] {
-        assert!(maps.contains(&name), "{name} missing from the fill levels: {i}");
+        assert!(
+            maps.contains(&name),
+            "{name} missing from the fill levels: {i}"
+        );
     }
     assert_eq!(st["generation"], 1);
     let stats = json(&d, &["stats"]);
