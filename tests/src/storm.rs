@@ -84,8 +84,8 @@ pub struct GroupReport {
     pub accepted_per_s: Vec<usize>,
     /// Most the server accepted from the group in any 1-s window.
     pub max_1s: usize,
-    /// Seconds in which a waiting client of the group knocked (retransmitted its SYN),
-    /// and what the server accepted from the group in them.
+    /// Seconds in which the group's line was not empty (a refused client had neither
+    /// connected nor given up), and what the server accepted from the group in them.
     pub busy_s: usize,
     pub accepted_busy: usize,
 }
@@ -411,29 +411,30 @@ fn group_report(
         .map(|x| x.1)
         .collect();
     let per_s = per_second(&times);
-    // A second counts when a waiting client of the group knocks in it (retransmits its
-    // SYN): only then can a knock-driven line use the budget. Each client's SYNs are
-    // its stack's schedule from its first (timers run a few % late), up to the one
-    // that connected it (TCP_INFO's count).
-    let mut knock_s = vec![false; end.ceil() as usize + 1];
-    for c in &ours {
-        let (offsets, _) = c.stack.schedule();
-        let sent = if c.connected.is_some() {
-            (c.syns as usize).min(offsets.len())
-        } else {
-            offsets.len()
+    // A second counts while the group's line is not empty: some client has been
+    // refused (it sent its second SYN: its stack's first retransmission after its
+    // first, timers running a few % late) and has neither connected nor given up.
+    // What the server accepted from the group in those seconds, first SYNs included,
+    // is the budget used while clients waited. (Counting only the seconds in which a
+    // waiting client retransmits would charge the line for a token it keeps for an
+    // older client's knock a second later, which is not a token lost.)
+    let mut busy = vec![false; end.ceil() as usize + 1];
+    for c in ours.iter().filter(|c| c.connected.is_none() || c.syns > 1) {
+        let Some(&second) = c.stack.schedule().0.get(1) else {
+            continue;
         };
-        for off in offsets.iter().take(sent).skip(1) {
-            let t = c.started + *off as f64 * 1.03;
-            if t < end
-                && let Some(k) = knock_s.get_mut(t as usize)
-            {
-                *k = true;
+        let from = c.started + second as f64 * 1.03;
+        let to = c.ended.unwrap_or(end).min(end);
+        let mut s = from as usize;
+        while (s as f64) <= to {
+            if let Some(b) = busy.get_mut(s) {
+                *b = true;
             }
+            s += 1;
         }
     }
-    let busy_s = knock_s.iter().filter(|k| **k).count();
-    let accepted_busy = knock_s
+    let busy_s = busy.iter().filter(|k| **k).count();
+    let accepted_busy = busy
         .iter()
         .enumerate()
         .filter(|(_, k)| **k)

@@ -188,7 +188,7 @@ pub fn storm_json(r: &StormReport) -> serde_json::Value {
         "action": r.spec.action,
         "flood_per_s": r.spec.flood_per_s,
         "connected": r.connected(),
-        "clients": r.total(),
+        "total": r.total(),
         "p50_wait_s": storm::quantile(&w, 0.5),
         "p99_wait_s": storm::quantile(&w, 0.99),
         "rank_corr": r.rho(),
@@ -200,10 +200,10 @@ pub fn storm_json(r: &StormReport) -> serde_json::Value {
             (s.name().to_string(), serde_json::json!({"connected": c, "clients": n}))
         }).collect::<serde_json::Map<_, _>>(),
         "counters": r.counters,
-        // Per client: stack, first SYN and connect time (s since the start; null: never),
-        // SYNs sent before connecting.
+        // Per client: its /24, stack, first SYN and connect time (s since the start;
+        // null: never), SYNs sent before connecting.
         "clients": r.clients.iter().map(|c| serde_json::json!([
-            c.stack.name(), c.started, c.connected, c.syns
+            format!("{}.{}.{}", c.net[0], c.net[1], c.net[2]), c.stack.name(), c.started, c.connected, c.syns
         ])).collect::<Vec<_>>(),
     })
 }
