@@ -1,4 +1,6 @@
-//! Command-line interface (names as in DESIGN.md §4).
+//! Command-line interface: `shaper run` (the daemon) and the client commands that talk
+//! to it over the control socket (`policy`, `stats`, `top`, `status`), plus `detach`,
+//! which needs no daemon.
 
 use std::{path::PathBuf, process::ExitCode};
 

@@ -4,7 +4,8 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-/// The nightly the eBPF crate is built and tested with (DESIGN.md §5).
+/// The nightly the eBPF crate is built and tested with (build-std for the BPF target;
+/// aya 0.15+ would need rustc 1.98, which no toolchain here has).
 const NIGHTLY: &str = "1.97.0-nightly";
 const NIGHTLY_DATE: &str = "2026-05-19";
 const BPF_LINKER: &str = "0.13.0";
