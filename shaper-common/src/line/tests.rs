@@ -524,7 +524,7 @@ fn replayed_storms_sweep() {
     // The end-to-end sweep's shape on the host: two loads a side, three bursts.
     let mut rows = String::new();
     for overload in [1.5, 3.0, 6.0] {
-        for burst in [2, 5, 20] {
+        for burst in [1, 2, 5, 20, 100] {
             let (mut d, mut e) = (0, 0);
             let (mut rd, mut re) = (0.0, 0.0);
             let mut per = [(0usize, 0usize, 0usize); 4];
@@ -596,7 +596,7 @@ proptest! {
     #[test]
     fn budget_holds_on_every_window(
         rate in 1u32..50,
-        burst in 1u64..20,
+        burst in 1u64..=100,
         knocks in proptest::collection::vec((0u64..400, 0u64..20_000), 1..600),
     ) {
         let mut g = Group::new(rate, burst, true);
@@ -627,7 +627,7 @@ proptest! {
         clients in 20usize..400,
         spread_s in 2u64..40,
         rate in 1u32..20,
-        burst in 1u64..40,
+        burst in 1u64..=100,
         mix in proptest::array::uniform3(0u64..10),
         max_wait_s in 10u64..120,
         seed in 1u64..1000,
