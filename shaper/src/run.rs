@@ -228,22 +228,38 @@ fn forward_bpf_logs(dp: &mut Dataplane, iface: &str) {
     });
 }
 
-/// Bind the control socket: mode 0600 in a 0700 directory. A live socket means another
-/// daemon is running: refuse.
+/// Bind the control socket, mode 0600. A missing directory is made with mode 0700; an
+/// existing one is left as it is (`--socket /tmp/s.sock` must not change `/tmp`): the
+/// daemon checks every peer's credentials anyway. A live socket means another daemon
+/// is running, and anything at the path that is not a socket is not ours: refuse both.
 fn listen(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another shaper daemon is serving {}; stop it first (or use --socket)",
-                path.display()
-            );
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another shaper daemon is serving {}; stop it first (or use --socket)",
+                    path.display()
+                );
+            }
+            // A socket nobody serves: a daemon that died left it.
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
         }
-        std::fs::remove_file(path)?;
+        Ok(_) => bail!(
+            "--socket: {} exists and is not a socket; choose another path (or remove it)",
+            path.display()
+        ),
+        Err(_) => {}
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -627,5 +643,61 @@ fn log_counters(s: &State) {
             protected = r.protected,
             "rule"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::listen;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("shaper-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch dir");
+        d
+    }
+
+    #[test]
+    fn an_existing_directory_keeps_its_mode() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let _in_rt = rt.enter();
+        let d = scratch("sock-mode");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let sock = d.join("s.sock");
+        let l = listen(&sock).expect("listen");
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&d), 0o755);
+        assert_eq!(mode(&sock), 0o600);
+        // A missing directory is made, private.
+        let deeper = d.join("run/shaper/s.sock");
+        let l2 = listen(&deeper).expect("listen in a new directory");
+        assert_eq!(mode(&d.join("run/shaper")), 0o700);
+        // A second daemon on a live socket is refused.
+        let again = listen(&sock).expect_err("a live socket");
+        assert!(
+            again.to_string().contains("another shaper daemon"),
+            "{again}"
+        );
+        drop((l, l2));
+        // A stale socket (nobody serving it) is replaced.
+        listen(&sock).expect("a stale socket is replaced");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_socket_is_left_alone() {
+        let d = scratch("sock-file");
+        let f = d.join("important.txt");
+        std::fs::write(&f, "keep me").expect("write");
+        let e = listen(&f).expect_err("a regular file");
+        assert!(e.to_string().starts_with("--socket: "), "{e}");
+        assert_eq!(std::fs::read_to_string(&f).expect("still there"), "keep me");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
