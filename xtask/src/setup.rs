@@ -19,6 +19,9 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "iptables",
     "ethtool",
+    // The unit file's check: `systemd-analyze verify`, which asks `man` for its page.
+    "systemd",
+    "man-db",
 ];
 
 pub fn setup() -> Result<()> {
