@@ -19,7 +19,8 @@ pub struct RawPolicy {
 pub struct RawDefaults {
     pub ipv4_group: Option<Spanned<i64>>,
     pub ipv6_group: Option<Spanned<i64>>,
-    pub max_wait: Option<Spanned<String>>,
+    /// A duration ("30s", "2min", "1500ms") or whole seconds.
+    pub max_wait: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -33,7 +34,8 @@ pub struct RawRule {
     pub group: Option<Spanned<i64>>,
     pub action: Option<Spanned<String>>,
     pub ceiling: Option<Spanned<toml::Value>>,
-    pub max_wait: Option<Spanned<String>>,
+    /// A duration ("30s", "2min", "1500ms") or whole seconds.
+    pub max_wait: Option<Spanned<toml::Value>>,
     /// `defer`: most clients one group keeps waiting.
     pub max_waiting: Option<Spanned<i64>>,
 }

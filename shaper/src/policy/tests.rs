@@ -50,6 +50,19 @@ fn design_example_parses() {
 }
 
 #[test]
+fn max_wait_takes_whole_seconds_or_a_duration() {
+    let p = parse(
+        "p.toml",
+        "[defaults]\nmax_wait = 45\n[[rule]]\nname = \"a\"\nprefix = \"10.0.0.0/8\"\nrate = 1\naction = \"defer\"\n\
+         [[rule]]\nname = \"b\"\nprefix = \"10.1.0.0/16\"\nrate = 1\naction = \"defer\"\nmax_wait = 60\n\
+         [[rule]]\nname = \"c\"\nprefix = \"10.2.0.0/16\"\nrate = 1\naction = \"defer\"\nmax_wait = \"2min\"\n",
+    )
+    .expect("valid");
+    let waits: Vec<u64> = p.rules.iter().map(|r| r.max_wait.as_secs()).collect();
+    assert_eq!(waits, [45, 60, 120]);
+}
+
+#[test]
 fn errors_name_file_line_col() {
     let e = errs("[[rule]]\nname = \"a\"\nprefix = \"10.0.0.1/24\"\nrate = 1\n");
     assert_eq!(
@@ -84,6 +97,12 @@ fn rejects_bad_values() {
         ("prefix = \"10.0.0.0/8\"\nburst = -1", "out of range"),
         ("prefix = \"10.0.0.0/8\"\nmax_wait = \"0s\"", "out of range"),
         ("prefix = \"10.0.0.0/8\"\nmax_wait = \"30\"", "needs a unit"),
+        ("prefix = \"10.0.0.0/8\"\nmax_wait = 0", "out of range"),
+        ("prefix = \"10.0.0.0/8\"\nmax_wait = -5", "out of range"),
+        (
+            "prefix = \"10.0.0.0/8\"\nmax_wait = 1.5",
+            "whole seconds, not a float",
+        ),
         ("prefix = \"10.0.0.0/8\"\nceiling = 0", "above 0"),
     ];
     for (extra, want) in cases {

@@ -344,14 +344,27 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     Ok(Rate { count, period_ns })
 }
 
-fn wait(c: &mut Checker<'_>, w: &Spanned<String>) -> Option<Duration> {
-    match parse_duration(w.get_ref()) {
+fn wait(c: &mut Checker<'_>, w: &Spanned<toml::Value>) -> Option<Duration> {
+    let (parsed, shown) = match w.get_ref() {
+        toml::Value::String(s) => (parse_duration(s), s.clone()),
+        toml::Value::Integer(n) => (
+            u64::try_from(*n)
+                .map(Duration::from_secs)
+                .map_err(|_| format!("max_wait `{n}` is out of range 1s..=300s")),
+            format!("{n}s"),
+        ),
+        other => (
+            Err(format!(
+                "max_wait must be a duration like \"30s\" or whole seconds, not a {}",
+                other.type_str()
+            )),
+            String::new(),
+        ),
+    };
+    match parsed {
         Ok(d) if d >= MAX_WAIT_RANGE.0 && d <= MAX_WAIT_RANGE.1 => Some(d),
         Ok(_) => {
-            c.err(
-                w,
-                format!("max_wait `{}` is out of range 1s..=300s", w.get_ref()),
-            );
+            c.err(w, format!("max_wait `{shown}` is out of range 1s..=300s"));
             None
         }
         Err(e) => {
