@@ -268,8 +268,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 return print_reply(&reply, client.output, crate::table::stats);
             }
             if client.output == Output::Table {
-                // Clear the screen and go home, like watch(1).
-                print!("\x1b[2J\x1b[H");
+                use std::io::IsTerminal as _;
+                if std::io::stdout().is_terminal() {
+                    // Clear the screen and go home, like watch(1).
+                    print!("\x1b[2J\x1b[H");
+                } else {
+                    // Into a pipe or a file: one table after another, no control codes.
+                    println!();
+                }
             }
             if print_reply(&reply, client.output, crate::table::stats)? != ExitCode::SUCCESS {
                 return Ok(ExitCode::FAILURE);

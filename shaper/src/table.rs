@@ -21,7 +21,7 @@ pub fn render(rows: &[Vec<String>]) -> String {
             .enumerate()
             .map(|(i, s)| {
                 let w = widths.get(i).copied().unwrap_or(0);
-                if s.parse::<f64>().is_ok() {
+                if is_number(s) {
                     format!("{s:>w$}")
                 } else {
                     format!("{s:<w$}")
@@ -32,6 +32,16 @@ pub fn render(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out.trim_end().to_string()
+}
+
+/// A figure to right-align: digits, with a sign or a decimal point. (Not whatever
+/// parses as a float: a rule named `inf` or `nan` is a name.)
+fn is_number(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    !digits.is_empty()
+        && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && digits.chars().filter(|&c| c == '.').count() <= 1
+        && digits.chars().any(|c| c.is_ascii_digit())
 }
 
 pub fn status(r: &Response) -> String {
@@ -165,4 +175,30 @@ pub fn top(r: &Response) -> String {
         ]);
     }
     render(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+
+    fn rows(cells: &[&[&str]]) -> Vec<Vec<String>> {
+        cells
+            .iter()
+            .map(|r| r.iter().map(|c| c.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn names_are_left_aligned_even_when_a_float_would_parse_them() {
+        let t = render(&rows(&[
+            &["RULE", "ADMITTED"],
+            &["inf", "7"],
+            &["nan", "12"],
+            &["everyone", "-3.5"],
+        ]));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[1], "inf              7");
+        assert_eq!(lines[2], "nan             12");
+        assert_eq!(lines[3], "everyone      -3.5");
+    }
 }
