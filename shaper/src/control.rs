@@ -103,10 +103,37 @@ pub struct RuleStatsView {
     pub queue_full: u64,
     pub would_drop: u64,
     pub protected: u64,
-    /// Waits of clients admitted after waiting: count per upper bound in seconds
-    /// (`"+Inf"` last), not cumulative.
-    pub wait_buckets: BTreeMap<String, u64>,
+    /// Waits of clients admitted after waiting, as a cumulative histogram: for each
+    /// upper bound in seconds, in order (`"+Inf"` last, the count of all), how many
+    /// waited at most that long.
+    pub wait_buckets: Vec<WaitBucket>,
     pub wait_sum_s: f64,
+}
+
+/// One bucket of a cumulative wait histogram.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitBucket {
+    /// Upper bound in seconds, or `"+Inf"`.
+    pub le: String,
+    /// Waits at most `le` long.
+    pub count: u64,
+}
+
+/// Per-bucket wait counts (bucket `i` up to `bounds[i]` seconds, the last unbounded)
+/// as a cumulative histogram.
+pub fn cumulative_waits(bounds: &[u64], counts: &[u64]) -> Vec<WaitBucket> {
+    let mut total = 0u64;
+    counts
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            total = total.saturating_add(*n);
+            WaitBucket {
+                le: bounds.get(i).map_or("+Inf".to_string(), u64::to_string),
+                count: total,
+            }
+        })
+        .collect()
 }
 
 /// One group in `shaper top` (addresses appear here, never in metrics labels).
@@ -194,4 +221,31 @@ pub fn read_frame(r: &mut impl std::io::Read) -> Result<Vec<u8>> {
     let mut body = vec![0; len];
     r.read_exact(&mut body)?;
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{WaitBucket, cumulative_waits};
+
+    #[test]
+    fn wait_buckets_are_cumulative_and_in_order() {
+        let b = cumulative_waits(&[1, 2, 4, 8, 16, 32, 64], &[3, 0, 2, 0, 0, 0, 1, 4]);
+        let got: Vec<(&str, u64)> = b.iter().map(|w| (w.le.as_str(), w.count)).collect();
+        assert_eq!(
+            got,
+            [
+                ("1", 3),
+                ("2", 3),
+                ("4", 5),
+                ("8", 5),
+                ("16", 5),
+                ("32", 5),
+                ("64", 6),
+                ("+Inf", 10)
+            ]
+        );
+        let json = serde_json::to_string(&b[0]).expect("json");
+        assert_eq!(json, r#"{"le":"1","count":3}"#);
+        let _: WaitBucket = serde_json::from_str(&json).expect("round trip");
+    }
 }

@@ -603,12 +603,7 @@ fn stats(s: &State) -> Stats {
             }
             sum_ns = sum_ns.wrapping_add(c.wait_sum_ns);
         }
-        for (b, n) in wait.iter().enumerate() {
-            let le = WAIT_BOUNDS_S
-                .get(b)
-                .map_or("+Inf".to_string(), |s| s.to_string());
-            v.wait_buckets.insert(le, *n);
-        }
+        v.wait_buckets = control::cumulative_waits(&WAIT_BOUNDS_S, &wait);
         v.wait_sum_s = sum_ns as f64 / 1e9;
         out.rules.push(v);
     }
