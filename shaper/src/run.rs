@@ -135,10 +135,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => reload(&state, "SIGHUP"),
+                _ = hup.recv() => {
+                    let _ = reload(&state, "SIGHUP");
+                }
                 _ = watch.tick() => {
                     if config_changed(&state) {
-                        reload(&state, "the config file changed");
+                        let _ = reload(&state, "the config file changed");
                     }
                 }
                 _ = tick.tick(), if args.stats_interval > 0 => {
@@ -295,25 +297,39 @@ fn config_changed(state: &Arc<Mutex<State>>) -> bool {
     }
 }
 
-fn reload(state: &Arc<Mutex<State>>, why: &str) {
+/// Read the config file again and apply it. A refusal keeps the old policy, and is
+/// reported where the reload was asked: in the log, to systemd (`STATUS=`, which
+/// `systemctl status` shows) and to a client (an error reply).
+fn reload(state: &Arc<Mutex<State>>, why: &str) -> Result<(u64, String), String> {
     notify("RELOADING=1");
-    let Ok(mut s) = state.lock() else { return };
-    let config = s.config.clone();
-    match std::fs::read_to_string(&config) {
-        Err(e) => {
-            tracing::error!(error = %e, config = %config.display(), "reload ({why}): cannot read the config; the old policy stays")
+    let result = reload_locked(state, why);
+    match &result {
+        Ok((generation, hash)) => {
+            tracing::info!(generation, hash = %hash, "reloaded ({why})");
+            notify(&format!(
+                "READY=1\nSTATUS=enforcing policy generation {generation} (hash {hash})"
+            ));
         }
-        Ok(text) => {
-            s.file_hash = control::policy_hash(&text);
-            match apply(&mut s, &config.display().to_string(), &text, None, true) {
-                Ok((generation, hash)) => {
-                    tracing::info!(generation, hash = %hash, "reloaded ({why})")
-                }
-                Err(e) => tracing::error!("reload ({why}) refused; the old policy stays:\n{e}"),
-            }
+        Err(e) => {
+            tracing::error!("reload ({why}) refused; the old policy stays:\n{e}");
+            let first = e.lines().next().unwrap_or_default();
+            notify(&format!(
+                "READY=1\nSTATUS=reload ({why}) refused, the old policy stays: {first}"
+            ));
         }
     }
-    notify("READY=1");
+    result
+}
+
+fn reload_locked(state: &Arc<Mutex<State>>, why: &str) -> Result<(u64, String), String> {
+    let mut s = state
+        .lock()
+        .map_err(|_| format!("reload ({why}): internal error: state lock poisoned"))?;
+    let config = s.config.clone();
+    let text = std::fs::read_to_string(&config)
+        .map_err(|e| format!("{}: cannot read the config: {e}", config.display()))?;
+    s.file_hash = control::policy_hash(&text);
+    apply(&mut s, &config.display().to_string(), &text, None, true)
 }
 
 /// Validate `text` whole, then write it into every interface's maps.
@@ -467,14 +483,9 @@ fn handle(state: &Arc<Mutex<State>>, req: Request) -> Response {
         },
         Request::Reload => {
             drop(s);
-            reload(state, "requested");
-            let s = match state.lock() {
-                Ok(s) => s,
-                Err(_) => return error("internal error: state lock poisoned"),
-            };
-            Response::Applied {
-                generation: s.generation,
-                hash: s.hash.clone(),
+            match reload(state, "requested") {
+                Ok((generation, hash)) => Response::Applied { generation, hash },
+                Err(message) => Response::Error { message },
             }
         }
     }

@@ -515,7 +515,31 @@ fn policy_apply_is_whole_or_nothing_with_file_line_col_errors() {
 #[test]
 fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
     let bed = bed();
-    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    // Stand in for systemd: what the daemon tells it (Type=notify).
+    let notify_path = std::env::temp_dir().join(format!("shaper-notify-{}", std::process::id()));
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let told = || {
+        let mut all = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = notify.recv(&mut buf) {
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            all.push('\n');
+        }
+        all
+    };
+    let d = Daemon::start_env(
+        &bed.srv,
+        SERVER_DEV,
+        POLICY,
+        &[],
+        &[("NOTIFY_SOCKET", &notify_path.display().to_string())],
+    )
+    .expect("shaper run");
+    assert!(told().contains("READY=1"), "no READY=1");
     let wait_for = |want: &str| {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -541,6 +565,19 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
         shaper::control::policy_hash(&v2)
     );
     assert!(d.log_text().contains("refused; the old policy stays"));
+    // ...and told to systemd, and to a client that asks for a reload: an error naming
+    // the place, never a success.
+    let said = told();
+    assert!(
+        said.contains("STATUS=reload (the config file changed) refused, the old policy stays: "),
+        "{said}"
+    );
+    match shaper::control::call(&d.socket, shaper::control::Request::Reload) {
+        Ok(shaper::control::Response::Error { message }) => {
+            assert!(message.contains("shaper.toml:2:"), "{message}")
+        }
+        other => panic!("a refused reload answered {other:?}"),
+    }
     // SIGHUP reloads too.
     let v3 = POLICY.replace("rate = 20", "rate = 22");
     std::fs::write(&d.config, &v3).expect("write");
@@ -550,6 +587,11 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
         wait_for(&shaper::control::policy_hash(&v3)),
         "SIGHUP not reloaded"
     );
+    assert!(
+        told().contains("STATUS=enforcing policy generation"),
+        "no status after a good reload"
+    );
+    let _ = std::fs::remove_file(&notify_path);
 }
 
 #[test]
