@@ -9,6 +9,7 @@ use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use shaper::{
     attach::Mode,
     control::{self, DEFAULT_SOCKET, Request, Response},
+    dataplane::Capacity,
     pins, policy,
 };
 
@@ -165,6 +166,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => crate::run::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy(PolicyCommand::Check { file }) => match policy::load(&file) {
+            // Everything an apply checks short of writing maps: the data plane's size
+            // too (the daemon loads it with these capacities).
+            Ok(p) if let Err(e) = Capacity::default().check(&p.compile()) => {
+                eprintln!("{}: {e}", file.display());
+                Ok(ExitCode::FAILURE)
+            }
             Ok(p) => {
                 println!(
                     "{}: ok ({} rules, {} protected prefixes, {} protected ports)",

@@ -348,21 +348,7 @@ fn apply(
     }
     let compiled = policy.compile();
     for i in &s.ifaces {
-        let cap = &i.dp.capacity;
-        if compiled.rule_count() > cap.rules as usize
-            || compiled.v4.len() > cap.prefixes as usize / 2
-            || compiled.v6.len() > cap.prefixes as usize / 2
-        {
-            return Err(format!(
-                "the policy needs {} rules and {}/{} prefixes; the data plane holds {} rules \
-                 and {} prefixes per family (half of the tries: two generations live in them)",
-                compiled.rule_count(),
-                compiled.v4.len(),
-                compiled.v6.len(),
-                cap.rules,
-                cap.prefixes / 2
-            ));
-        }
+        i.dp.capacity.check(&compiled)?;
     }
     let mut ids = Vec::new();
     for i in &mut s.ifaces {
