@@ -131,6 +131,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         let every = Duration::from_secs(args.stats_interval.max(1));
         let mut tick = tokio::time::interval(every);
         let mut watch = tokio::time::interval(Duration::from_secs(1));
+        let mut pending: Option<String> = None;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -139,8 +140,14 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let _ = reload(&state, "SIGHUP");
                 }
                 _ = watch.tick() => {
-                    if config_changed(&state) {
-                        let _ = reload(&state, "the config file changed");
+                    // A changed file is applied once it reads the same a second later:
+                    // an editor or `cp` caught halfway is never applied.
+                    match (config_changed(&state), &pending) {
+                        (Some(h), Some(p)) if h == *p => {
+                            pending = None;
+                            let _ = reload(&state, "the config file changed");
+                        }
+                        (changed, _) => pending = changed,
                     }
                 }
                 _ = tick.tick(), if args.stats_interval > 0 => {
@@ -289,12 +296,12 @@ fn notify(msg: &str) {
     }
 }
 
-fn config_changed(state: &Arc<Mutex<State>>) -> bool {
-    let Ok(s) = state.lock() else { return false };
-    match std::fs::read_to_string(&s.config) {
-        Ok(text) => control::policy_hash(&text) != s.file_hash,
-        Err(_) => false,
-    }
+/// The config file's hash, if it differs from the one last read.
+fn config_changed(state: &Arc<Mutex<State>>) -> Option<String> {
+    let s = state.lock().ok()?;
+    let text = std::fs::read_to_string(&s.config).ok()?;
+    let h = control::policy_hash(&text);
+    (h != s.file_hash).then_some(h)
 }
 
 /// Read the config file again and apply it. A refusal keeps the old policy, and is
@@ -329,7 +336,7 @@ fn reload_locked(state: &Arc<Mutex<State>>, why: &str) -> Result<(u64, String), 
     let text = std::fs::read_to_string(&config)
         .map_err(|e| format!("{}: cannot read the config: {e}", config.display()))?;
     s.file_hash = control::policy_hash(&text);
-    apply(&mut s, &config.display().to_string(), &text, None, true)
+    apply(&mut s, &config.display().to_string(), &text, None, false)
 }
 
 /// Validate `text` whole, then write it into every interface's maps.
@@ -341,6 +348,13 @@ fn apply(
     force: bool,
 ) -> Result<(u64, String), String> {
     let policy = policy::parse(file, text).map_err(|e| e.to_string())?;
+    if !force && policy.rules.is_empty() {
+        // An empty or truncated file parses; enforcing it would lift every limit.
+        return Err(format!(
+            "{file}: the policy has no rules; applying it would lift every limit: refusing \
+             (to mean it: `shaper policy apply --force`)"
+        ));
+    }
     if !force && let Some(why) = ssh.and_then(|c| locks_out(&policy, c)) {
         return Err(format!(
             "{why}; refusing to apply (add the address to [protect] prefixes, or pass --force)"

@@ -559,7 +559,8 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
     );
     // A bad file is refused, logged, and the old policy stays.
     std::fs::write(&d.config, "[[rule]]\nname = 1\n").expect("write");
-    std::thread::sleep(Duration::from_secs(2));
+    // (Read twice a second apart before it is applied, or refused.)
+    std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         json(&d, &["policy", "show"])["hash"],
         shaper::control::policy_hash(&v2)
@@ -578,6 +579,33 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
         }
         other => panic!("a refused reload answered {other:?}"),
     }
+    // An empty file (an editor's truncation) is never applied: it would lift every
+    // limit.
+    let generation = || json(&d, &["policy", "show"])["generation"].as_u64();
+    let before = generation();
+    std::fs::write(&d.config, "").expect("write");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        json(&d, &["policy", "show"])["hash"],
+        shaper::control::policy_hash(&v2)
+    );
+    assert!(d.log_text().contains("the policy has no rules"));
+    // A file written in two halves (the first one a valid policy of its own) is
+    // applied whole, once: a change is applied when it reads the same a second later.
+    let v2b = POLICY.replace("rate = 20", "rate = 23");
+    let half = &v2b[..v2b.find("[protect]").expect("protect section")];
+    std::fs::write(&d.config, half).expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&d.config, &v2b).expect("write");
+    assert!(
+        wait_for(&shaper::control::policy_hash(&v2b)),
+        "the whole file was not applied"
+    );
+    assert_eq!(
+        generation(),
+        before.map(|g| g + 1),
+        "the half file was applied"
+    );
     // SIGHUP reloads too.
     let v3 = POLICY.replace("rate = 20", "rate = 22");
     std::fs::write(&d.config, &v3).expect("write");
