@@ -57,7 +57,13 @@ pub fn parse(file: &str, text: &str) -> Result<RawPolicy, PolicyErrors> {
             file,
             text,
             at,
-            e.message().trim().to_string(),
+            // One line per error: the parser's message can run over several.
+            e.message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
         )])
     })
 }

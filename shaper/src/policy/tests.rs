@@ -50,6 +50,17 @@ fn design_example_parses() {
 }
 
 #[test]
+fn a_syntax_error_is_one_line() {
+    let e = errs("[[rule.\nname = \"a\"\n");
+    assert_eq!(e.len(), 1);
+    assert!(!e[0].contains('\n'), "{e:?}");
+    assert!(
+        e[0].starts_with("p.toml:1:7: invalid table header; expected"),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn max_wait_takes_whole_seconds_or_a_duration() {
     let p = parse(
         "p.toml",
