@@ -173,6 +173,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
             Ok(p) => {
+                for w in &p.warnings {
+                    eprintln!("{}", w.warning());
+                }
                 println!(
                     "{}: ok ({} rules, {} protected prefixes, {} protected ports)",
                     file.display(),

@@ -105,6 +105,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             ifaces.push(Iface { dp, att, dir });
         }
         let hash = control::policy_hash(&source);
+        for w in &policy.warnings {
+            tracing::warn!("{}", w.warning());
+        }
         tracing::info!(
             rules = policy.rules.len(),
             config = %args.config.display(),
@@ -348,6 +351,9 @@ fn apply(
     force: bool,
 ) -> Result<(u64, String), String> {
     let policy = policy::parse(file, text).map_err(|e| e.to_string())?;
+    for w in &policy.warnings {
+        tracing::warn!("{}", w.warning());
+    }
     if !force && policy.rules.is_empty() {
         // An empty or truncated file parses; enforcing it would lift every limit.
         return Err(format!(

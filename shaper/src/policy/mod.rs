@@ -86,6 +86,10 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     pub protected_prefixes: Vec<Prefix>,
     pub protected_ports: Vec<u16>,
+    /// Valid, but likely not what was meant (`policy check` prints them, the daemon
+    /// logs them).
+    #[serde(skip)]
+    pub warnings: Vec<PolicyError>,
 }
 
 impl Policy {
@@ -102,6 +106,16 @@ pub struct PolicyError {
     pub line: usize,
     pub col: usize,
     pub message: String,
+}
+
+impl PolicyError {
+    /// As a warning: `FILE:LINE:COL: warning: message`.
+    pub fn warning(&self) -> String {
+        format!(
+            "{}:{}:{}: warning: {}",
+            self.file, self.line, self.col, self.message
+        )
+    }
 }
 
 impl fmt::Display for PolicyError {

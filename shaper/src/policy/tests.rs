@@ -50,6 +50,39 @@ fn design_example_parses() {
 }
 
 #[test]
+fn likely_mistakes_are_warnings_with_their_place() {
+    let p = parse(
+        "p.toml",
+        "[[rule]]\nname = \"a\"\nprefix = \"10.0.0.0/8\"\nrate = 1\nmax_wait = \"30s\"\n\
+         [[rule]]\nname = \"m\"\nprefix = \"::ffff:10.1.0.0/112\"\nrate = 1\n",
+    )
+    .expect("valid, with warnings");
+    let w: Vec<String> = p.warnings.iter().map(|w| w.warning()).collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].starts_with("p.toml:5:12: warning: rule `a`: max_wait and max_waiting only matter"),
+        "{w:?}"
+    );
+    assert!(
+        w[1].starts_with("p.toml:8:10: warning: rule `m`: ::ffff:10.1.0.0/112 is IPv4-mapped"),
+        "{w:?}"
+    );
+    // Only IPv4 rules: IPv6 goes unlimited.
+    let v4 = parse(
+        "p.toml",
+        "[[rule]]\nname = \"a\"\nprefix = \"10.0.0.0/8\"\nrate = 1\n",
+    )
+    .expect("valid");
+    assert_eq!(v4.warnings.len(), 1);
+    assert!(
+        v4.warnings[0]
+            .message
+            .starts_with("no rule has an IPv6 prefix")
+    );
+    assert!(parse("p.toml", GOOD).expect("valid").warnings.is_empty());
+}
+
+#[test]
 fn a_syntax_error_is_one_line() {
     let e = errs("[[rule.\nname = \"a\"\n");
     assert_eq!(e.len(), 1);

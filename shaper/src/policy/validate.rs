@@ -1,6 +1,6 @@
 //! Semantic checks on a parsed policy. Every error found is reported, each at its place.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use toml::Spanned;
 
@@ -37,9 +37,20 @@ struct Checker<'a> {
     file: &'a str,
     text: &'a str,
     errors: Vec<PolicyError>,
+    warnings: Vec<PolicyError>,
 }
 
 impl Checker<'_> {
+    /// Valid, but likely not what was meant.
+    fn warn<T>(&mut self, span: &Spanned<T>, message: impl Into<String>) {
+        self.warnings.push(error_at(
+            self.file,
+            self.text,
+            span.span().start,
+            message.into(),
+        ));
+    }
+
     fn err<T>(&mut self, span: &Spanned<T>, message: impl Into<String>) {
         self.errors.push(error_at(
             self.file,
@@ -55,6 +66,7 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
         file,
         text,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
     let (mut v4_group, mut v6_group, mut max_wait) = (24u8, 64u8, DEFAULT_MAX_WAIT);
     if let Some(d) = &raw.defaults {
@@ -227,6 +239,36 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
             rule_wait,
             max_waiting,
         ) {
+            if action != Action::Defer {
+                for key in [
+                    r.max_wait.as_ref().map(|w| w.span()),
+                    r.max_waiting.as_ref().map(|w| w.span()),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    c.warnings.push(error_at(
+                        file,
+                        text,
+                        key.start,
+                        format!(
+                            "rule `{name}`: max_wait and max_waiting only matter for action = \"defer\""
+                        ),
+                    ));
+                }
+            }
+            if let IpAddr::V6(a) = prefix.addr
+                && a.to_ipv4_mapped().is_some()
+                && prefix.len >= 96
+            {
+                c.warn(
+                    &r.prefix,
+                    format!(
+                        "rule `{name}`: {prefix} is IPv4-mapped IPv6 and never matches (IPv4 \
+                         attempts are matched as IPv4): write the IPv4 prefix"
+                    ),
+                );
+            }
             let max_waiting =
                 max_waiting.unwrap_or_else(|| default_max_waiting(rate, burst, max_wait));
             rules.push(Rule {
@@ -272,11 +314,22 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
         }
     }
 
+    if !rules.is_empty() && !rules.iter().any(|r| matches!(r.prefix.addr, IpAddr::V6(_))) {
+        c.warnings.push(error_at(
+            file,
+            text,
+            0,
+            "no rule has an IPv6 prefix: IPv6 attempts are not limited (add one, e.g. \
+             prefix = \"::/0\")"
+                .to_string(),
+        ));
+    }
     if c.errors.is_empty() {
         Ok(Policy {
             rules,
             protected_prefixes,
             protected_ports,
+            warnings: c.warnings,
         })
     } else {
         Err(PolicyErrors(c.errors))

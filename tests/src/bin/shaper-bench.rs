@@ -103,6 +103,7 @@ fn policy(n: usize) -> Result<Policy> {
         rules,
         protected_prefixes: vec![],
         protected_ports: vec![22],
+        warnings: vec![],
     })
 }
 
