@@ -41,23 +41,19 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    /// Valid, but likely not what was meant.
-    fn warn<T>(&mut self, span: &Spanned<T>, message: impl Into<String>) {
-        self.warnings.push(error_at(
-            self.file,
-            self.text,
-            span.span().start,
-            message.into(),
-        ));
+    fn at(&self, start: usize, message: impl Into<String>) -> PolicyError {
+        error_at(self.file, self.text, start, message.into())
     }
 
     fn err<T>(&mut self, span: &Spanned<T>, message: impl Into<String>) {
-        self.errors.push(error_at(
-            self.file,
-            self.text,
-            span.span().start,
-            message.into(),
-        ));
+        let e = self.at(span.span().start, message);
+        self.errors.push(e);
+    }
+
+    /// Valid, but likely not what was meant: a warning at byte `start`.
+    fn warn_at(&mut self, start: usize, message: impl Into<String>) {
+        let w = self.at(start, message);
+        self.warnings.push(w);
     }
 }
 
@@ -247,22 +243,20 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
                 .into_iter()
                 .flatten()
                 {
-                    c.warnings.push(error_at(
-                        file,
-                        text,
+                    c.warn_at(
                         key.start,
                         format!(
                             "rule `{name}`: max_wait and max_waiting only matter for action = \"defer\""
                         ),
-                    ));
+                    );
                 }
             }
             if let IpAddr::V6(a) = prefix.addr
                 && a.to_ipv4_mapped().is_some()
                 && prefix.len >= 96
             {
-                c.warn(
-                    &r.prefix,
+                c.warn_at(
+                    r.prefix.span().start,
                     format!(
                         "rule `{name}`: {prefix} is IPv4-mapped IPv6 and never matches (IPv4 \
                          attempts are matched as IPv4): write the IPv4 prefix"
@@ -315,14 +309,11 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
     }
 
     if !rules.is_empty() && !rules.iter().any(|r| matches!(r.prefix.addr, IpAddr::V6(_))) {
-        c.warnings.push(error_at(
-            file,
-            text,
+        c.warn_at(
             0,
             "no rule has an IPv6 prefix: IPv6 attempts are not limited (add one, e.g. \
-             prefix = \"::/0\")"
-                .to_string(),
-        ));
+             prefix = \"::/0\")",
+        );
     }
     if c.errors.is_empty() {
         Ok(Policy {
