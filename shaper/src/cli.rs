@@ -62,8 +62,13 @@ pub enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff), or with --dir write one page per command there
+    /// (shaper.1, shaper-run.1, shaper-policy-apply.1, …), as its SEE ALSO names them.
+    Man {
+        /// Directory to write every page into (e.g. /usr/local/share/man/man1).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -301,8 +306,17 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "shaper", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+        Command::Man { dir: None } => {
+            // No `help` subcommand in SEE ALSO: --dir writes no page for it.
+            let cmd = Cli::command().disable_help_subcommand(true);
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("--dir: creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("--dir: writing the pages into {}", dir.display()))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -49,3 +49,41 @@ fn the_unit_file_verifies_without_a_warning() {
         "systemd-analyze verify: {said}"
     );
 }
+
+#[test]
+fn every_man_page_the_pages_name_is_written() {
+    let bin = shaper_bin().expect("shaper binary");
+    let dir = std::env::temp_dir().join(format!("shaper-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ok = Command::new(&bin)
+        .args(["man", "--dir"])
+        .arg(&dir)
+        .status()
+        .expect("shaper man --dir");
+    assert!(ok.success(), "shaper man --dir failed");
+    let mut pages: Vec<String> = std::fs::read_dir(&dir)
+        .expect("pages")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    pages.sort();
+    assert!(pages.contains(&"shaper.1".to_string()), "{pages:?}");
+    assert!(
+        pages.contains(&"shaper-policy-apply.1".to_string()),
+        "{pages:?}"
+    );
+    // Every page another page points at (roff escapes the dash) exists.
+    for p in &pages {
+        let text = std::fs::read_to_string(dir.join(p)).expect("page");
+        for name in text
+            .split_whitespace()
+            .filter_map(|w| w.strip_suffix("(1)"))
+        {
+            let file = format!("{}.1", name.replace("\\-", "-"));
+            assert!(
+                pages.contains(&file),
+                "{p} names {name}(1), which was not written"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
