@@ -144,11 +144,13 @@ pub enum PolicyCommand {
 #[derive(clap::Args)]
 pub struct SetArgs {
     pub name: String,
+    /// Source prefix (needed for a new rule).
     #[arg(long)]
-    pub prefix: String,
-    /// New connections per second per group ("20", "20/s", "1200/min").
+    pub prefix: Option<String>,
+    /// New connections per second per group ("20", "20/s", "1200/min"; needed for a
+    /// new rule).
     #[arg(long)]
-    pub rate: String,
+    pub rate: Option<String>,
     #[arg(long)]
     pub burst: Option<i64>,
     /// Group length in bits.
@@ -160,6 +162,12 @@ pub struct SetArgs {
     /// Whole-rule budget per second.
     #[arg(long)]
     pub ceiling: Option<String>,
+    /// `defer`: how long a client keeps its place ("90s", "2min", or seconds).
+    #[arg(long)]
+    pub max_wait: Option<String>,
+    /// `defer`: most clients one group keeps waiting.
+    #[arg(long)]
+    pub max_waiting: Option<i64>,
     /// Apply even if it would limit the SSH session this command runs from.
     #[arg(long)]
     pub force: bool,
@@ -219,50 +227,33 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_reply(&reply, client.output, applied)
         }
         Command::Policy(PolicyCommand::Set(a)) => {
-            let mut rule = toml::Table::new();
-            rule.insert("name".into(), a.name.clone().into());
-            rule.insert("prefix".into(), a.prefix.clone().into());
-            rule.insert("rate".into(), rate_value(&a.rate));
-            if let Some(b) = a.burst {
-                rule.insert("burst".into(), b.into());
-            }
-            if let Some(g) = a.group {
-                rule.insert("group".into(), g.into());
-            }
-            if let Some(x) = &a.action {
-                rule.insert("action".into(), x.clone().into());
-            }
-            if let Some(c) = &a.ceiling {
-                rule.insert("ceiling".into(), rate_value(c));
-            }
-            // Check the rule alone first, so errors name the flag.
-            if let Some(msg) = check_flags(&rule) {
-                eprintln!("{msg}\nnothing was applied");
-                return Ok(ExitCode::FAILURE);
-            }
-            edit_policy(&a.client, a.force, "set", |rules| {
-                match rules
-                    .iter_mut()
-                    .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(&a.name))
-                {
-                    Some(slot) => *slot = toml::Value::Table(rule),
-                    None => rules.push(toml::Value::Table(rule)),
+            // Only the flags given change; the rule's other keys, and the policy's
+            // comments, stay as they are.
+            let mut changes = toml::Table::new();
+            let text = |v: &Option<String>| v.clone().map(toml::Value::from);
+            for (k, v) in [
+                ("prefix", text(&a.prefix)),
+                ("rate", a.rate.as_deref().map(rate_value)),
+                ("burst", a.burst.map(toml::Value::from)),
+                ("group", a.group.map(toml::Value::from)),
+                ("action", text(&a.action)),
+                ("ceiling", a.ceiling.as_deref().map(rate_value)),
+                ("max_wait", a.max_wait.as_deref().map(rate_value)),
+                ("max_waiting", a.max_waiting.map(toml::Value::from)),
+            ] {
+                if let Some(v) = v {
+                    changes.insert(k.into(), v);
                 }
-                Ok(())
+            }
+            edit_policy(&a.client, a.force, "set", |source| {
+                set_rule(source, &a.name, &changes)
             })
         }
         Command::Policy(PolicyCommand::Rm {
             name,
             force,
             client,
-        }) => edit_policy(&client, force, "rm", |rules| {
-            let before = rules.len();
-            rules.retain(|r| r.get("name").and_then(|n| n.as_str()) != Some(&name));
-            if rules.len() == before {
-                bail!("no rule named `{name}` in the active policy (see `shaper policy show`)");
-            }
-            Ok(())
-        }),
+        }) => edit_policy(&client, force, "rm", |source| rm_rule(source, &name)),
         Command::Policy(PolicyCommand::Show(c)) => {
             let reply = control::call(&c.socket, Request::PolicyShow)?;
             print_reply(&reply, c.output, |r| match r {
@@ -336,7 +327,7 @@ fn check_flags(rule: &toml::Table) -> Option<String> {
             .0
             .iter()
             .map(|e| match keys.get(e.line.saturating_sub(1)) {
-                Some(k) if !k.is_empty() => format!("--{k}: {}", e.message),
+                Some(k) if !k.is_empty() => format!("--{}: {}", k.replace('_', "-"), e.message),
                 _ => e.message.clone(),
             })
             .collect::<Vec<_>>()
@@ -352,27 +343,107 @@ fn rate_value(s: &str) -> toml::Value {
     }
 }
 
-/// Fetch the active policy, edit its rules, apply the result like `policy apply`.
+/// The rules of a policy's text, as a TOML document that keeps its comments.
+fn rules_of(source: &str) -> Result<(toml_edit::DocumentMut, usize)> {
+    let doc: toml_edit::DocumentMut = source
+        .parse()
+        .context("the active policy does not parse as TOML")?;
+    let n = doc
+        .get("rule")
+        .and_then(|r| r.as_array_of_tables())
+        .map_or(0, toml_edit::ArrayOfTables::len);
+    Ok((doc, n))
+}
+
+fn named(t: &toml_edit::Table, name: &str) -> bool {
+    t.get("name").and_then(|n| n.as_str()) == Some(name)
+}
+
+/// `policy set`: change the keys in `changes` of the rule `name` (keeping its other
+/// keys and every comment), or add the rule if there is none (then `prefix` and `rate`
+/// are needed). Errors name the flag.
+fn set_rule(source: &str, name: &str, changes: &toml::Table) -> Result<String> {
+    let (mut doc, _) = rules_of(source)?;
+    let rules = doc
+        .entry("rule")
+        .or_insert_with(|| toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()))
+        .as_array_of_tables_mut()
+        .ok_or_else(|| anyhow::anyhow!("the active policy's `rule` is not a list of tables"))?;
+    let existing = rules.iter_mut().find(|t| named(t, name));
+    // The rule as it will be, checked alone first so errors name the flag.
+    let mut merged: toml::Table = match &existing {
+        Some(t) => toml::from_str(&t.to_string()).context("reading the rule")?,
+        None => {
+            for need in ["prefix", "rate"] {
+                if !changes.contains_key(need) {
+                    bail!(
+                        "--{need}: there is no rule `{name}` yet, and a new rule needs --prefix and --rate"
+                    );
+                }
+            }
+            toml::Table::new()
+        }
+    };
+    merged.insert("name".into(), name.into());
+    for (k, v) in changes {
+        merged.insert(k.clone(), v.clone());
+    }
+    if let Some(msg) = check_flags(&merged) {
+        bail!("{msg}");
+    }
+    let table = match existing {
+        Some(t) => t,
+        None => {
+            let mut t = toml_edit::Table::new();
+            t.insert("name", toml_edit::value(name));
+            rules.push(t);
+            rules
+                .iter_mut()
+                .last()
+                .ok_or_else(|| anyhow::anyhow!("the new rule went missing"))?
+        }
+    };
+    for (k, v) in changes {
+        let v: toml_edit::Value = v.to_string().parse().context("a flag's value")?;
+        match table.get_mut(k).and_then(|i| i.as_value_mut()) {
+            // Keep the value's own comment and spacing.
+            Some(old) => {
+                let decor = old.decor().clone();
+                *old = v;
+                *old.decor_mut() = decor;
+            }
+            None => {
+                table.insert(k, toml_edit::Item::Value(v));
+            }
+        }
+    }
+    Ok(doc.to_string())
+}
+
+/// `policy rm`: the policy without rule `name`, comments kept.
+fn rm_rule(source: &str, name: &str) -> Result<String> {
+    let (mut doc, before) = rules_of(source)?;
+    if let Some(rules) = doc.get_mut("rule").and_then(|r| r.as_array_of_tables_mut()) {
+        rules.retain(|t| !named(t, name));
+        if rules.len() < before {
+            return Ok(doc.to_string());
+        }
+    }
+    bail!("no rule named `{name}` in the active policy (see `shaper policy show`)")
+}
+
+/// Fetch the active policy, edit its text, apply the result like `policy apply`. The
+/// change is live only: the policy file is not written, and says so.
 fn edit_policy(
     client: &ClientArgs,
     force: bool,
     what: &str,
-    edit: impl FnOnce(&mut Vec<toml::Value>) -> Result<()>,
+    edit: impl FnOnce(&str) -> Result<String>,
 ) -> Result<ExitCode> {
     let Response::Policy(view) = control::call(&client.socket, Request::PolicyShow)? else {
         bail!("the daemon did not return its policy");
     };
-    let mut doc: toml::Table =
-        toml::from_str(&view.source).context("the active policy does not parse as TOML")?;
-    let mut rules = match doc.remove("rule") {
-        Some(toml::Value::Array(a)) => a,
-        _ => Vec::new(),
-    };
-    edit(&mut rules)?;
-    if !rules.is_empty() {
-        doc.insert("rule".into(), toml::Value::Array(rules));
-    }
-    let text = toml::to_string(&doc)?;
+    let text = edit(&view.source)?;
     let name = format!("policy {what}");
     if let Err(errors) = policy::parse(&name, &text) {
         eprintln!("{errors}\nnothing was applied");
@@ -387,7 +458,17 @@ fn edit_policy(
             force,
         },
     )?;
-    print_reply(&reply, client.output, applied)
+    let code = print_reply(&reply, client.output, applied)?;
+    if matches!(reply, Response::Applied { .. })
+        && let Ok(Response::Status(s)) = control::call(&client.socket, Request::Status)
+    {
+        eprintln!(
+            "live only: {} is unchanged, and its next reload (SIGHUP, `systemctl reload`, \
+             an edit) replaces this change; `shaper policy show` prints the policy to keep",
+            s.config
+        );
+    }
+    Ok(code)
 }
 
 /// Human output of an applied policy.
@@ -461,4 +542,85 @@ fn detach(ifaces: &[String], root: &std::path::Path) -> Result<ExitCode> {
         }
     }
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rm_rule, set_rule};
+
+    const ACTIVE: &str = r#"# the morning
+[[rule]]
+name = "schools"      # every school /24
+prefix = "198.51.100.0/22"
+rate = 6
+burst = 40            # a class at once
+action = "defer"
+max_wait = "90s"
+
+[[rule]]
+name = "lab"
+prefix = "203.0.113.0/24"
+rate = 5
+"#;
+
+    fn changes(kv: &[(&str, toml::Value)]) -> toml::Table {
+        kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    #[test]
+    fn set_changes_only_the_flags_given_and_keeps_comments() {
+        let out = set_rule(ACTIVE, "schools", &changes(&[("rate", 30.into())])).expect("set");
+        let p = shaper::policy::parse("t", &out).expect("valid");
+        let r = &p.rules[0];
+        assert_eq!(r.rate.per_second_ceil(), 30);
+        assert_eq!(r.burst, 40, "burst kept");
+        assert_eq!(r.action, shaper::policy::Action::Defer, "action kept");
+        assert_eq!(r.max_wait.as_secs(), 90, "max_wait kept");
+        for comment in ["# the morning", "# every school /24", "# a class at once"] {
+            assert!(out.contains(comment), "{comment} lost:\n{out}");
+        }
+        // The other rule is untouched.
+        assert!(
+            out.contains("name = \"lab\"\nprefix = \"203.0.113.0/24\"\nrate = 5\n"),
+            "{out}"
+        );
+        // New keys: --max-wait and --max-waiting.
+        let out = set_rule(
+            ACTIVE,
+            "schools",
+            &changes(&[("max_wait", 60.into()), ("max_waiting", 500.into())]),
+        )
+        .expect("set");
+        let r = &shaper::policy::parse("t", &out).expect("valid").rules[0];
+        assert_eq!((r.max_wait.as_secs(), r.max_waiting), (60, 500));
+    }
+
+    #[test]
+    fn set_adds_a_new_rule_only_with_prefix_and_rate_and_names_bad_flags() {
+        let e = set_rule(ACTIVE, "new", &changes(&[("rate", 3.into())])).expect_err("no prefix");
+        assert!(e.to_string().starts_with("--prefix: "), "{e}");
+        let out = set_rule(
+            ACTIVE,
+            "new",
+            &changes(&[("prefix", "192.0.2.0/24".into()), ("rate", 3.into())]),
+        )
+        .expect("added");
+        assert_eq!(
+            shaper::policy::parse("t", &out).expect("valid").rules.len(),
+            3
+        );
+        let e = set_rule(ACTIVE, "schools", &changes(&[("max_wait", "0s".into())]))
+            .expect_err("out of range");
+        assert!(e.to_string().starts_with("--max-wait: "), "{e}");
+    }
+
+    #[test]
+    fn rm_keeps_the_rest_and_its_comments() {
+        let out = rm_rule(ACTIVE, "lab").expect("rm");
+        assert!(
+            !out.contains("lab") && out.contains("# a class at once"),
+            "{out}"
+        );
+        assert!(rm_rule(ACTIVE, "nope").is_err());
+    }
 }

@@ -713,6 +713,23 @@ fn cli_exit_codes_and_json() {
         2,
         "a bad set changes nothing"
     );
+    // A set changes only the flags given, and says the file is not written.
+    let out = shaper(&["policy", "set", "lab", "--rate", "9", "--socket", &s]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("live only: "),
+        "{out:?}"
+    );
+    let shown = json(&d, &["policy", "show"]);
+    let lab = shown["policy"]["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "lab").cloned())
+        .expect("lab");
+    assert_eq!(
+        (&lab["action"], &lab["burst"], &lab["prefix"]),
+        (&"defer".into(), &7.into(), &"198.18.40.0/24".into()),
+        "{lab}"
+    );
     let out = shaper(&["policy", "rm", "lab", "--socket", &s]);
     assert!(out.status.success(), "{out:?}");
     let shown = json(&d, &["policy", "show"]);
