@@ -233,12 +233,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             let text = |v: &Option<String>| v.clone().map(toml::Value::from);
             for (k, v) in [
                 ("prefix", text(&a.prefix)),
-                ("rate", a.rate.as_deref().map(rate_value)),
+                ("rate", a.rate.as_deref().map(number_or_text)),
                 ("burst", a.burst.map(toml::Value::from)),
                 ("group", a.group.map(toml::Value::from)),
                 ("action", text(&a.action)),
-                ("ceiling", a.ceiling.as_deref().map(rate_value)),
-                ("max_wait", a.max_wait.as_deref().map(rate_value)),
+                ("ceiling", a.ceiling.as_deref().map(number_or_text)),
+                ("max_wait", a.max_wait.as_deref().map(number_or_text)),
                 ("max_waiting", a.max_waiting.map(toml::Value::from)),
             ] {
                 if let Some(v) = v {
@@ -335,24 +335,20 @@ fn check_flags(rule: &toml::Table) -> Option<String> {
     )
 }
 
-/// A rate flag as the policy file writes it: an integer, or a string like "20/s".
-fn rate_value(s: &str) -> toml::Value {
+/// A flag's value as the policy file writes it: an integer ("20", "60"), or a
+/// string ("20/s", "90s").
+fn number_or_text(s: &str) -> toml::Value {
     match s.parse::<i64>() {
         Ok(n) => n.into(),
         Err(_) => s.to_string().into(),
     }
 }
 
-/// The rules of a policy's text, as a TOML document that keeps its comments.
-fn rules_of(source: &str) -> Result<(toml_edit::DocumentMut, usize)> {
-    let doc: toml_edit::DocumentMut = source
+/// A policy's text as a TOML document that keeps its comments.
+fn document(source: &str) -> Result<toml_edit::DocumentMut> {
+    source
         .parse()
-        .context("the active policy does not parse as TOML")?;
-    let n = doc
-        .get("rule")
-        .and_then(|r| r.as_array_of_tables())
-        .map_or(0, toml_edit::ArrayOfTables::len);
-    Ok((doc, n))
+        .context("the active policy does not parse as TOML")
 }
 
 fn named(t: &toml_edit::Table, name: &str) -> bool {
@@ -363,7 +359,7 @@ fn named(t: &toml_edit::Table, name: &str) -> bool {
 /// keys and every comment), or add the rule if there is none (then `prefix` and `rate`
 /// are needed). Errors name the flag.
 fn set_rule(source: &str, name: &str, changes: &toml::Table) -> Result<String> {
-    let (mut doc, _) = rules_of(source)?;
+    let mut doc = document(source)?;
     let rules = doc
         .entry("rule")
         .or_insert_with(|| toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()))
@@ -422,8 +418,9 @@ fn set_rule(source: &str, name: &str, changes: &toml::Table) -> Result<String> {
 
 /// `policy rm`: the policy without rule `name`, comments kept.
 fn rm_rule(source: &str, name: &str) -> Result<String> {
-    let (mut doc, before) = rules_of(source)?;
+    let mut doc = document(source)?;
     if let Some(rules) = doc.get_mut("rule").and_then(|r| r.as_array_of_tables_mut()) {
+        let before = rules.len();
         rules.retain(|t| !named(t, name));
         if rules.len() < before {
             return Ok(doc.to_string());

@@ -557,15 +557,22 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
         wait_for(&shaper::control::policy_hash(&v2)),
         "file change not reloaded"
     );
+    // A file the watcher must refuse: the old policy stays, and the log says why.
+    let refused = |text: &str, log_says: &str| {
+        std::fs::write(&d.config, text).expect("write");
+        // (Read twice a second apart before it is applied, or refused.)
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            json(&d, &["policy", "show"])["hash"],
+            shaper::control::policy_hash(&v2)
+        );
+        assert!(
+            d.log_text().contains(log_says),
+            "the log lacks {log_says:?}"
+        );
+    };
     // A bad file is refused, logged, and the old policy stays.
-    std::fs::write(&d.config, "[[rule]]\nname = 1\n").expect("write");
-    // (Read twice a second apart before it is applied, or refused.)
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        json(&d, &["policy", "show"])["hash"],
-        shaper::control::policy_hash(&v2)
-    );
-    assert!(d.log_text().contains("refused; the old policy stays"));
+    refused("[[rule]]\nname = 1\n", "refused; the old policy stays");
     // ...and told to systemd, and to a client that asks for a reload: an error naming
     // the place, never a success.
     let said = told();
@@ -583,13 +590,7 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
     // limit.
     let generation = || json(&d, &["policy", "show"])["generation"].as_u64();
     let before = generation();
-    std::fs::write(&d.config, "").expect("write");
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        json(&d, &["policy", "show"])["hash"],
-        shaper::control::policy_hash(&v2)
-    );
-    assert!(d.log_text().contains("the policy has no rules"));
+    refused("", "the policy has no rules");
     // A file written in two halves (the first one a valid policy of its own) is
     // applied whole, once: a change is applied when it reads the same a second later.
     let v2b = POLICY.replace("rate = 20", "rate = 23");
