@@ -47,10 +47,11 @@ pub const MAX_PREFIXES: u32 = 8192;
 pub const MAX_GROUPS: u32 = 131_072;
 /// Default number of clients waiting in line, all groups together (LRU).
 pub const MAX_WAITERS: u32 = 65_536;
-/// Default number of congested `defer` groups with a calendar at once (LRU, 1.5 KiB
-/// each). A group without one still admits in turn as the budget allows; it only
+/// Default number of congested `defer` groups with a calendar at once (LRU, 4.5 KiB
+/// each; only a group that refused a proven client gets one, so a spoofed flood makes
+/// none). A group without one still admits in turn as the budget allows; it only
 /// cannot hold a token for an older client.
-pub const MAX_LINES: u32 = 8_192;
+pub const MAX_LINES: u32 = 4_096;
 /// Default number of probe slots (a power of two). A spoofed flood of F SYN/s overwrites
 /// a given probe within one second with probability ≈ F / PROBE_SLOTS; the client then
 /// proves itself at its next retransmission instead.

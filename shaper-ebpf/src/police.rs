@@ -513,7 +513,7 @@ impl Repeat for BpfLoop {
     }
 }
 
-/// An empty calendar, in global data (1.5 KiB: far over the stack): what a group's
+/// An empty calendar, in global data (4.5 KiB: far over the stack): what a group's
 /// first refusal of a proven client puts in `LINES`.
 static EMPTY_CALENDAR: Calendar = Calendar::EMPTY;
 
