@@ -5,13 +5,16 @@
 #![no_std]
 #![no_main]
 // `atomic_cxchg`: core::sync::atomic has no compare-exchange on the BPF target, the
-// intrinsic lowers to BPF_CMPXCHG (see police.rs).
+// intrinsic lowers to BPF_CMPXCHG (see budget.rs).
 #![feature(core_intrinsics)]
 #![expect(
     internal_features,
     reason = "core_intrinsics is the only cmpxchg on BPF"
 )]
 
+mod budget;
+mod clock;
+mod defer;
 mod maps;
 mod parse;
 mod police;

@@ -93,18 +93,22 @@ impl Attempt {
                 copy_bytes::<4>(p + 16, &mut k.dst);
             }
         }
-        Ok(u32::from_be_bytes(read::<[u8; 4]>(h + 4)))
+        // SAFETY: `at` checked 20 bytes at `h`.
+        Ok(u32::from_be_bytes(unsafe { read::<[u8; 4]>(h + 4) }))
     }
 }
 
-/// Copy `N` (≤ 16) bytes at `src`, checked by [`at`], into the front of `dst`, one
-/// byte after the other: volatile reads keep the compiler from loading all sixteen
-/// first and spilling them (the stack is the program's scarcest resource).
+/// Copy `N` (≤ 16) bytes at `src` into the front of `dst`, one byte after the other:
+/// volatile reads keep the compiler from loading all sixteen first and spilling them
+/// (the stack is the program's scarcest resource).
+///
+/// # Safety
+/// `src` must be an address that [`at`] checked covers `N` bytes of the frame.
 #[inline(always)]
-fn copy_bytes<const N: usize>(src: usize, dst: &mut [u8; 16]) {
+unsafe fn copy_bytes<const N: usize>(src: usize, dst: &mut [u8; 16]) {
     let mut i = 0;
     while i < N && i < 16 {
-        // SAFETY: callers pass `src` checked for N bytes.
+        // SAFETY: the caller guarantees `src` covers N bytes.
         dst[i] = unsafe { core::ptr::read_volatile((src + i) as *const u8) };
         i += 1;
     }
@@ -120,16 +124,25 @@ fn at(ctx: &XdpContext, off: usize, len: usize) -> Result<usize, Reason> {
     Ok(start + off)
 }
 
-/// Read a `T` at an address checked by [`at`].
+/// Read a `T` (plain bytes: any bit pattern is a value) at `addr`.
+///
+/// # Safety
+/// `addr` must be an address that [`at`] checked covers `size_of::<T>()` bytes of the
+/// frame.
 #[inline(always)]
-fn read<T: Copy>(addr: usize) -> T {
-    // SAFETY: callers pass an address that `at` checked covers size_of::<T>() bytes.
+unsafe fn read<T: Copy>(addr: usize) -> T {
+    // SAFETY: the caller guarantees the bytes are in the frame.
     unsafe { core::ptr::read_unaligned(addr as *const T) }
 }
 
+/// A big-endian 16-bit field at `addr`.
+///
+/// # Safety
+/// As for [`read`]: `addr` checked by [`at`] for two bytes.
 #[inline(always)]
-fn be16(addr: usize) -> u16 {
-    u16::from_be_bytes(read::<[u8; 2]>(addr))
+unsafe fn be16(addr: usize) -> u16 {
+    // SAFETY: the caller's guarantee.
+    u16::from_be_bytes(unsafe { read::<[u8; 2]>(addr) })
 }
 
 /// Where the headers of a TCP segment are.
@@ -179,10 +192,13 @@ fn common(ctx: &XdpContext) -> Result<usize, Reason> {
         return Ok(0);
     }
     // Ethertype, version and IHL, TOS: one load (the build allows misaligned loads).
-    let head = u32::from_le_bytes(read(start + 12));
+    // SAFETY (this and the reads below): the frame holds COMMON_V4_TCP + 20 bytes,
+    // checked above; the IPv6 read is after its own check.
+    let head = u32::from_le_bytes(unsafe { read(start + 12) });
     if head & 0x00ff_ffff == 0x0045_0008 {
         // Flags and fragment offset, TTL, protocol.
-        let w = u32::from_le_bytes(read(start + ETH_HLEN + 6));
+        // SAFETY: as above.
+        let w = u32::from_le_bytes(unsafe { read(start + ETH_HLEN + 6) });
         if w & 0xff00_ff1f != 0x0600_0000 {
             return Err(if w & 0xff1f != 0 {
                 Reason::Fragment
@@ -194,18 +210,20 @@ fn common(ctx: &XdpContext) -> Result<usize, Reason> {
     }
     if head & 0x00f0_ffff == 0x0060_dd86
         && start + COMMON_V6_TCP + 20 <= end
-        && read::<u8>(start + ETH_HLEN + 6) == IPPROTO_TCP
+        // SAFETY: as above.
+        && unsafe { read::<u8>(start + ETH_HLEN + 6) } == IPPROTO_TCP
     {
         return segment(start + COMMON_V6_TCP, COMMON_V6_TCP);
     }
     Ok(0)
 }
 
-/// [`tcp`]'s checks on a TCP header at `h` (checked by the caller), `off` into the
-/// frame: `Ok(off)` for an attempt.
+/// [`tcp`]'s checks on a TCP header at `h` (checked by the caller for 20 bytes), `off`
+/// into the frame: `Ok(off)` for an attempt.
 #[inline(always)]
 fn segment(h: usize, off: usize) -> Result<usize, Reason> {
-    let [doff, flags]: [u8; 2] = read(h + 12);
+    // SAFETY: the caller checked 20 bytes at `h`.
+    let [doff, flags]: [u8; 2] = unsafe { read(h + 12) };
     if doff >> 4 < 5 {
         return Err(Reason::Malformed);
     }
@@ -218,7 +236,8 @@ fn segment(h: usize, off: usize) -> Result<usize, Reason> {
 /// The general walk: VLAN tags, IPv4 options, IPv6 extension headers.
 #[inline(always)]
 fn walk(ctx: &XdpContext) -> Result<Layout, Reason> {
-    let mut ethertype = be16(at(ctx, 12, 2)?);
+    // SAFETY (both reads of the loop too): each address is `at`'s, for two bytes.
+    let mut ethertype = unsafe { be16(at(ctx, 12, 2)?) };
     let mut off = ETH_HLEN;
     let mut tags = 0;
     while tags < MAX_VLAN_TAGS {
@@ -226,7 +245,8 @@ fn walk(ctx: &XdpContext) -> Result<Layout, Reason> {
             break;
         }
         // TCI (2 bytes), then the encapsulated ethertype.
-        ethertype = be16(at(ctx, off + 2, 2)?);
+        // SAFETY: as above.
+        ethertype = unsafe { be16(at(ctx, off + 2, 2)?) };
         off += 4;
         tags += 1;
     }
@@ -241,7 +261,8 @@ fn walk(ctx: &XdpContext) -> Result<Layout, Reason> {
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, off: usize) -> Result<Layout, Reason> {
     let h = at(ctx, off, 20)?;
-    let ver_ihl: u8 = read(h);
+    // SAFETY (every read of this function): `at` checked 20 bytes at `h`.
+    let ver_ihl: u8 = unsafe { read(h) };
     if ver_ihl >> 4 != 4 {
         return Err(Reason::Malformed);
     }
@@ -250,11 +271,13 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Layout, Reason> {
     if ihl < 5 {
         return Err(Reason::Malformed);
     }
-    if be16(h + 6) & 0x1fff != 0 {
+    // SAFETY: as above.
+    if unsafe { be16(h + 6) } & 0x1fff != 0 {
         // Non-first fragment: no TCP header here.
         return Err(Reason::Fragment);
     }
-    if read::<u8>(h + 9) != IPPROTO_TCP {
+    // SAFETY: as above.
+    if unsafe { read::<u8>(h + 9) } != IPPROTO_TCP {
         return Err(Reason::NotTcp);
     }
     // The options (if any) must be in the frame too; `tcp` checks past them.
@@ -270,10 +293,13 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<Layout, Reason> {
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, ip: usize) -> Result<Layout, Reason> {
     let h = at(ctx, ip, 40)?;
-    if read::<u8>(h) >> 4 != 6 {
+    // SAFETY (this and the next): `at` checked 40 bytes at `h`; each extension
+    // header's reads below are within what `at` checked at `e`.
+    if unsafe { read::<u8>(h) } >> 4 != 6 {
         return Err(Reason::Malformed);
     }
-    let mut next: u8 = read(h + 6);
+    // SAFETY: as above.
+    let mut next: u8 = unsafe { read(h + 6) };
     let mut off = ip + 40;
     let mut walked = 0;
     while walked < MAX_EXT_HEADERS {
@@ -287,20 +313,26 @@ fn ipv6(ctx: &XdpContext, ip: usize) -> Result<Layout, Reason> {
             }
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let e = at(ctx, off, 2)?;
-                next = read(e);
+                // SAFETY: two bytes at `e`, checked.
+                let [nh, len]: [u8; 2] = unsafe { read(e) };
+                next = nh;
                 // Length in 8-byte units, not counting the first 8 bytes.
-                off += (usize::from(read::<u8>(e + 1)) + 1) * 8;
+                off += (usize::from(len) + 1) * 8;
             }
             IPV6_AH => {
                 let e = at(ctx, off, 2)?;
-                next = read(e);
+                // SAFETY: two bytes at `e`, checked.
+                let [nh, len]: [u8; 2] = unsafe { read(e) };
+                next = nh;
                 // Length in 4-byte units, minus 2.
-                off += (usize::from(read::<u8>(e + 1)) + 2) * 4;
+                off += (usize::from(len) + 2) * 4;
             }
             IPV6_FRAGMENT => {
                 let e = at(ctx, off, 8)?;
-                next = read(e);
-                if be16(e + 2) >> 3 != 0 {
+                // SAFETY: eight bytes at `e`, checked.
+                let (nh, frag) = unsafe { (read::<u8>(e), be16(e + 2)) };
+                next = nh;
+                if frag >> 3 != 0 {
                     return Err(Reason::Fragment);
                 }
                 off += 8;
@@ -327,21 +359,26 @@ fn ipv6(ctx: &XdpContext, ip: usize) -> Result<Layout, Reason> {
 #[inline(always)]
 fn tcp(ctx: &XdpContext, layout: Layout) -> Result<Attempt, Reason> {
     let h = at(ctx, layout.tcp, 20)?;
-    if read::<u8>(h + 12) >> 4 < 5 {
+    // SAFETY (every read of this function): `at` checked 20 bytes at `h`, and the
+    // addresses' reads are at offsets `at` checked in the IP header.
+    let [doff, flags]: [u8; 2] = unsafe { read(h + 12) };
+    if doff >> 4 < 5 {
         return Err(Reason::Malformed);
     }
-    let flags: u8 = read(h + 13);
     if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
         return Err(Reason::NotAttempt);
     }
     let source = if layout.v6 {
-        Source::V6(Addr(read(at(ctx, layout.ip, 40)? + 8)))
+        // SAFETY: as above (16 bytes at 8 of a checked 40).
+        Source::V6(Addr(unsafe { read(at(ctx, layout.ip, 40)? + 8) }))
     } else {
-        Source::V4(Addr(read(at(ctx, layout.ip, 20)? + 12)))
+        // SAFETY: as above (4 bytes at 12 of a checked 20).
+        Source::V4(Addr(unsafe { read(at(ctx, layout.ip, 20)? + 12) }))
     };
     Ok(Attempt {
         source,
-        dport: be16(h + 2),
+        // SAFETY: as above.
+        dport: unsafe { be16(h + 2) },
         layout,
     })
 }
