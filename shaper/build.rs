@@ -1,6 +1,6 @@
 //! Builds the XDP program (`shaper-ebpf`) for the BPF target with the nightly
-//! toolchain and bpf-linker; `src/loader.rs` embeds the object. `cargo xtask setup`
-//! installs what this needs.
+//! toolchain and bpf-linker; `src/lib.rs` embeds the object (`EBPF_OBJECT`). `cargo
+//! xtask setup` installs what this needs.
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {

@@ -136,4 +136,17 @@ impl Outcome {
             Outcome::Protected => "protected",
         }
     }
+
+    /// The column header in `shaper stats`.
+    pub const fn header(self) -> &'static str {
+        match self {
+            Outcome::Admitted => "ADMITTED",
+            Outcome::Dropped => "DROPPED",
+            Outcome::Deferred => "DEFERRED",
+            Outcome::AdmittedAfterWait => "AFTER WAIT",
+            Outcome::QueueFull => "QUEUE FULL",
+            Outcome::WouldDrop => "WOULD DROP",
+            Outcome::Protected => "PROTECTED",
+        }
+    }
 }

@@ -8,9 +8,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use shaper::{
     attach::Mode,
-    control::{self, DEFAULT_SOCKET, Request, Response},
-    dataplane::Capacity,
-    pins, policy,
+    capacity::Capacity,
+    client, pins, policy,
+    protocol::{DEFAULT_SOCKET, Request, Response},
 };
 
 pub const DEFAULT_CONFIG: &str = "/etc/shaper/shaper.toml";
@@ -96,6 +96,20 @@ pub struct RunArgs {
     pub replace: bool,
 }
 
+impl From<RunArgs> for shaper::daemon::Config {
+    fn from(a: RunArgs) -> Self {
+        shaper::daemon::Config {
+            ifaces: a.ifaces,
+            config: a.config,
+            mode: a.mode,
+            stats_interval: std::time::Duration::from_secs(a.stats_interval),
+            socket: a.socket,
+            pin_root: a.pin_root,
+            replace: a.replace,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct ClientArgs {
     /// The daemon's control socket.
@@ -177,7 +191,7 @@ pub struct SetArgs {
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => crate::run::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => shaper::daemon::run(args.into()).map(|()| ExitCode::SUCCESS),
         Command::Policy(PolicyCommand::Check { file }) => match policy::load(&file) {
             // Everything an apply checks short of writing maps: the data plane's size
             // too (the daemon loads it with these capacities).
@@ -215,7 +229,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 eprintln!("{errors}\nnothing was applied");
                 return Ok(ExitCode::FAILURE);
             }
-            let reply = control::call(
+            let reply = client::call(
                 &client.socket,
                 Request::PolicyApply {
                     file: file.display().to_string(),
@@ -255,7 +269,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             client,
         }) => edit_policy(&client, force, "rm", |source| rm_rule(source, &name)),
         Command::Policy(PolicyCommand::Show(c)) => {
-            let reply = control::call(&c.socket, Request::PolicyShow)?;
+            let reply = client::call(&c.socket, Request::PolicyShow)?;
             print_reply(&reply, c.output, |r| match r {
                 Response::Policy(p) => format!(
                     "# generation {}, policy hash {}\n{}",
@@ -265,13 +279,13 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Status(c) => {
-            let reply = control::call(&c.socket, Request::Status)?;
-            print_reply(&reply, c.output, crate::table::status)
+            let reply = client::call(&c.socket, Request::Status)?;
+            print_reply(&reply, c.output, crate::render::status)
         }
         Command::Stats { client, watch } => loop {
-            let reply = control::call(&client.socket, Request::Stats)?;
+            let reply = client::call(&client.socket, Request::Stats)?;
             if !watch {
-                return print_reply(&reply, client.output, crate::table::stats);
+                return print_reply(&reply, client.output, crate::render::stats);
             }
             if client.output == Output::Table {
                 use std::io::IsTerminal as _;
@@ -283,14 +297,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                     println!();
                 }
             }
-            if print_reply(&reply, client.output, crate::table::stats)? != ExitCode::SUCCESS {
+            if print_reply(&reply, client.output, crate::render::stats)? != ExitCode::SUCCESS {
                 return Ok(ExitCode::FAILURE);
             }
             std::thread::sleep(std::time::Duration::from_secs(1));
         },
         Command::Top { n, client } => {
-            let reply = control::call(&client.socket, Request::Top { n })?;
-            print_reply(&reply, client.output, crate::table::top)
+            let reply = client::call(&client.socket, Request::Top { n })?;
+            print_reply(&reply, client.output, crate::render::top)
         }
         Command::Detach { ifaces, pin_root } => detach(&ifaces, &pin_root),
         Command::Completions { shell } => {
@@ -437,7 +451,7 @@ fn edit_policy(
     what: &str,
     edit: impl FnOnce(&str) -> Result<String>,
 ) -> Result<ExitCode> {
-    let Response::Policy(view) = control::call(&client.socket, Request::PolicyShow)? else {
+    let Response::Policy(view) = client::call(&client.socket, Request::PolicyShow)? else {
         bail!("the daemon did not return its policy");
     };
     let text = edit(&view.source)?;
@@ -446,7 +460,7 @@ fn edit_policy(
         eprintln!("{errors}\nnothing was applied");
         return Ok(ExitCode::FAILURE);
     }
-    let reply = control::call(
+    let reply = client::call(
         &client.socket,
         Request::PolicyApply {
             file: name,
@@ -457,7 +471,7 @@ fn edit_policy(
     )?;
     let code = print_reply(&reply, client.output, applied)?;
     if matches!(reply, Response::Applied { .. })
-        && let Ok(Response::Status(s)) = control::call(&client.socket, Request::Status)
+        && let Ok(Response::Status(s)) = client::call(&client.socket, Request::Status)
     {
         eprintln!(
             "live only: {} is unchanged, and its next reload (SIGHUP, `systemctl reload`, \
@@ -505,8 +519,7 @@ fn json_body(reply: &Response) -> Result<String> {
 }
 
 fn detach(ifaces: &[String], root: &std::path::Path) -> Result<ExitCode> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!("detaching needs root (run with sudo)");
     }
     let names: Vec<String> = if ifaces.is_empty() {

@@ -1,14 +1,19 @@
-//! shaper: an XDP new-connection shaper. The binary (`main.rs`) is the daemon and the
-//! CLI; this library holds their parts so the privileged tests can use the same code.
+//! shaper: an XDP new-connection shaper. The binary (`main.rs`) is the CLI, and `shaper
+//! run` the daemon ([`daemon`]); this library holds every part of both, so the
+//! privileged tests use the same code. docs/architecture.md maps the modules.
 
+pub mod apply;
 pub mod attach;
 pub mod bpfsys;
-pub mod control;
+pub mod capacity;
+pub mod client;
 pub mod counters;
+pub mod daemon;
 pub mod dataplane;
 pub mod mapmem;
 pub mod pins;
 pub mod policy;
+pub mod protocol;
 
 /// The XDP program, built by `build.rs` from `shaper-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shaper"));

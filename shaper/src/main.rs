@@ -1,8 +1,7 @@
 //! `shaper`: the daemon (`shaper run`) and the operator's CLI.
 
 mod cli;
-mod run;
-mod table;
+mod render;
 
 use std::process::ExitCode;
 

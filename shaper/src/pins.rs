@@ -20,7 +20,7 @@ use shaper_common::{
     },
 };
 
-use crate::dataplane::Capacity;
+use crate::capacity::Capacity;
 
 /// `BPF_F_MMAPABLE` (linux/bpf.h).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -29,7 +29,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/shaper";
 /// Where bpffs is mounted when the host has not mounted it.
 const BPFFS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: rustix::fs::FsWord = 0xcafe_4a11;
 /// The link's pin in an interface's directory.
 pub const LINK: &str = "link";
 
@@ -56,13 +56,7 @@ pub fn iface_dir(root: &Path, iface: &str) -> PathBuf {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: zeroed statfs is valid output storage; `c` is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type == BPF_FS_MAGIC)
 }
 
 /// Make sure `root` is on a bpffs (mounting one at /sys/fs/bpf if the host has not) and
@@ -71,22 +65,15 @@ pub fn ensure_root(root: &Path) -> Result<()> {
     let bpffs = Path::new(BPFFS);
     if root.starts_with(bpffs) && !is_bpffs(bpffs) {
         fs::create_dir_all(bpffs).with_context(|| format!("creating {BPFFS}"))?;
-        let src = c"bpf";
-        let target = std::ffi::CString::new(BPFFS)?;
-        // SAFETY: valid C strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mounting bpffs at {BPFFS} (are you root?)"));
-        }
+        rustix::mount::mount(
+            "bpf",
+            BPFFS,
+            "bpf",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("mounting bpffs at {BPFFS} (are you root?)"))?;
         tracing::info!(path = BPFFS, "mounted bpffs");
     }
     fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;

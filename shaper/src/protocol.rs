@@ -1,11 +1,13 @@
 //! The control socket's protocol: length-delimited frames (a 4-byte big-endian length,
-//! then a JSON body), each a versioned request or response. The daemon serves it on a
-//! Unix socket to root peers only (SO_PEERCRED); there is no network listener.
+//! then a JSON body), each a versioned request or response. The daemon serves it
+//! ([`crate::daemon`]) on a Unix socket to root peers only (SO_PEERCRED); there is no
+//! network listener. [`crate::client`] is the other end.
 
-use std::{collections::BTreeMap, os::unix::net::UnixStream, path::Path, time::Duration};
+use std::collections::BTreeMap;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
+use shaper_common::Outcome;
 
 /// Version of the protocol; a daemon refuses requests of another version.
 pub const PROTOCOL: u32 = 1;
@@ -96,18 +98,22 @@ pub struct RuleStatsView {
     pub name: String,
     pub prefix: String,
     pub action: String,
-    pub admitted: u64,
-    pub dropped: u64,
-    pub deferred: u64,
-    pub admitted_after_wait: u64,
-    pub queue_full: u64,
-    pub would_drop: u64,
-    pub protected: u64,
+    /// SYNs by outcome, one field per outcome named as [`Outcome::name`] says
+    /// (`admitted`, `dropped`, …): a new outcome is a new field with no change here.
+    #[serde(flatten)]
+    pub outcomes: BTreeMap<String, u64>,
     /// Waits of clients admitted after waiting, as a cumulative histogram: for each
     /// upper bound in seconds, in order (`"+Inf"` last, the count of all), how many
     /// waited at most that long.
     pub wait_buckets: Vec<WaitBucket>,
     pub wait_sum_s: f64,
+}
+
+impl RuleStatsView {
+    /// The count of one outcome (0 if the daemon did not send it).
+    pub fn get(&self, o: Outcome) -> u64 {
+        self.outcomes.get(o.name()).copied().unwrap_or(0)
+    }
 }
 
 /// One bucket of a cumulative wait histogram.
@@ -162,38 +168,7 @@ pub struct PolicyView {
 
 /// A stable hash of a policy's text (FNV-1a 64, hex): equal texts, equal hashes.
 pub fn policy_hash(text: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
-/// Send one request and read one response (blocking; for the CLI and tests).
-pub fn call(socket: &Path, request: Request) -> Result<Response> {
-    let mut s = UnixStream::connect(socket).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                "is the daemon running? start it with `shaper run --iface IF` (or `systemctl \
-                 start shaper`)"
-            }
-            std::io::ErrorKind::PermissionDenied => "the control socket is root's: run as root",
-            _ => "",
-        };
-        anyhow!(
-            "cannot reach the daemon at {}: {e}; {hint}",
-            socket.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let body = serde_json::to_vec(&Envelope {
-        version: PROTOCOL,
-        body: request,
-    })?;
-    write_frame(&mut s, &body)?;
-    let reply = read_frame(&mut s).context("reading the daemon's reply")?;
-    serde_json::from_slice(&reply).context("the daemon's reply is not a response")
+    format!("{:016x}", crate::policy::fnv1a(text.as_bytes()))
 }
 
 /// Write one frame.

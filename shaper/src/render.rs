@@ -1,6 +1,7 @@
-//! Human output of `shaper status` and `shaper stats`: plain aligned tables.
+//! Human output of `shaper status`, `stats` and `top`: plain aligned tables.
 
-use shaper::control::Response;
+use shaper::protocol::Response;
+use shaper_common::Outcome;
 
 /// Align `rows` (the first is the header) in columns, numbers right-aligned.
 pub fn render(rows: &[Vec<String>]) -> String {
@@ -103,36 +104,13 @@ pub fn stats(r: &Response) -> String {
     let Response::Stats(s) = r else {
         return String::new();
     };
-    let mut rows = vec![
-        [
-            "RULE",
-            "PREFIX",
-            "ACTION",
-            "ADMITTED",
-            "DROPPED",
-            "DEFERRED",
-            "AFTER WAIT",
-            "QUEUE FULL",
-            "WOULD DROP",
-            "PROTECTED",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>(),
-    ];
+    let mut header: Vec<String> = ["RULE", "PREFIX", "ACTION"].map(String::from).to_vec();
+    header.extend(Outcome::ALL.iter().map(|o| o.header().to_string()));
+    let mut rows = vec![header];
     for x in &s.rules {
-        rows.push(vec![
-            x.name.clone(),
-            x.prefix.clone(),
-            x.action.clone(),
-            x.admitted.to_string(),
-            x.dropped.to_string(),
-            x.deferred.to_string(),
-            x.admitted_after_wait.to_string(),
-            x.queue_full.to_string(),
-            x.would_drop.to_string(),
-            x.protected.to_string(),
-        ]);
+        let mut row = vec![x.name.clone(), x.prefix.clone(), x.action.clone()];
+        row.extend(Outcome::ALL.iter().map(|o| x.get(*o).to_string()));
+        rows.push(row);
     }
     let mut out = render(&rows);
     out.push_str("\n\n");

@@ -3,7 +3,8 @@
 use anyhow::{Context as _, Result, anyhow};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use shaper::{
-    dataplane::{Capacity, Dataplane},
+    capacity::Capacity,
+    dataplane::{Dataplane, Loader},
     policy::{self, Policy},
 };
 use shaper_common::maps::{BASELINE_PROGRAM_NAME, RuleStats};
@@ -22,10 +23,13 @@ pub fn require_bpf() {
     );
 }
 
-/// A loaded program with a policy applied.
+/// A loaded program with a policy applied (through the daemon's own apply path: stable
+/// rule ids, the same staging and switch).
 pub struct Harness {
     pub dp: Dataplane,
     pub policy: Policy,
+    /// Each rule's id, in the policy's order.
+    pub ids: Vec<u32>,
 }
 
 impl Harness {
@@ -41,9 +45,25 @@ impl Harness {
     }
 
     pub fn from_policy(policy: Policy, capacity: Capacity) -> Result<Harness> {
-        let mut dp = Dataplane::load(capacity)?;
-        dp.apply(&policy.compile())?;
-        Ok(Harness { dp, policy })
+        let dp = Loader::new().capacity(capacity).load()?;
+        let mut h = Harness {
+            dp,
+            policy: policy.clone(),
+            ids: Vec::new(),
+        };
+        h.apply(&policy)?;
+        Ok(h)
+    }
+
+    /// Switch to `policy` as the daemon does; returns each rule's id.
+    pub fn apply(&mut self, policy: &Policy) -> Result<Vec<u32>> {
+        let mut targets = [shaper::apply::Target {
+            name: "test",
+            dp: &mut self.dp,
+        }];
+        self.ids = shaper::apply::apply(&mut targets, policy)?;
+        self.policy = policy.clone();
+        Ok(self.ids.clone())
     }
 
     /// Run one packet through the program; returns the verdict and the output frame.
@@ -62,7 +82,7 @@ impl Harness {
             .rules
             .iter()
             .position(|r| r.name == name)
-            .and_then(|i| u32::try_from(i).ok())
+            .and_then(|i| self.ids.get(i).copied())
             .unwrap_or(u32::MAX)
     }
 

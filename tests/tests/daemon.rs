@@ -214,7 +214,7 @@ fn sigterm_leaves_the_program_attached_and_detach_removes_it() {
 fn another_tools_program_is_refused_unless_replace() {
     let bed = bed();
     // Attach the object's bare baseline program with netlink, as another tool would.
-    let mut other = shaper::dataplane::Dataplane::load(Default::default()).expect("load");
+    let mut other = shaper::dataplane::Dataplane::load().expect("load");
     let prog: &mut aya::programs::Xdp = other
         .ebpf
         .program_mut(shaper_common::maps::BASELINE_PROGRAM_NAME)
@@ -289,7 +289,7 @@ fn control_socket_refuses_non_root_and_survives_garbage() {
         let _ = s.write_all(&frame);
         if i % 5 >= 3 {
             // A whole frame: the daemon answers with an error.
-            let reply = shaper::control::read_frame(&mut s).expect("an error reply");
+            let reply = shaper::protocol::read_frame(&mut s).expect("an error reply");
             let v: serde_json::Value = serde_json::from_slice(&reply).expect("json");
             assert_eq!(v["response"], "error", "{v}");
         }
@@ -554,7 +554,7 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
     let v2 = POLICY.replace("rate = 20", "rate = 21");
     std::fs::write(&d.config, &v2).expect("write");
     assert!(
-        wait_for(&shaper::control::policy_hash(&v2)),
+        wait_for(&shaper::protocol::policy_hash(&v2)),
         "file change not reloaded"
     );
     // A file the watcher must refuse: the old policy stays, and the log says why.
@@ -564,7 +564,7 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
         std::thread::sleep(Duration::from_secs(3));
         assert_eq!(
             json(&d, &["policy", "show"])["hash"],
-            shaper::control::policy_hash(&v2)
+            shaper::protocol::policy_hash(&v2)
         );
         assert!(
             d.log_text().contains(log_says),
@@ -580,8 +580,8 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
         said.contains("STATUS=reload (the config file changed) refused, the old policy stays: "),
         "{said}"
     );
-    match shaper::control::call(&d.socket, shaper::control::Request::Reload) {
-        Ok(shaper::control::Response::Error { message }) => {
+    match shaper::client::call(&d.socket, shaper::protocol::Request::Reload) {
+        Ok(shaper::protocol::Response::Error { message }) => {
             assert!(message.contains("shaper.toml:2:"), "{message}")
         }
         other => panic!("a refused reload answered {other:?}"),
@@ -599,7 +599,7 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
     std::thread::sleep(Duration::from_millis(300));
     std::fs::write(&d.config, &v2b).expect("write");
     assert!(
-        wait_for(&shaper::control::policy_hash(&v2b)),
+        wait_for(&shaper::protocol::policy_hash(&v2b)),
         "the whole file was not applied"
     );
     assert_eq!(
@@ -613,7 +613,7 @@ fn sighup_and_file_changes_reload_and_bad_files_keep_the_old_policy() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
     assert!(
-        wait_for(&shaper::control::policy_hash(&v3)),
+        wait_for(&shaper::protocol::policy_hash(&v3)),
         "SIGHUP not reloaded"
     );
     assert!(
@@ -830,14 +830,16 @@ fn pinned_maps_of_another_layout_are_refused() {
     // Pins made by a build with another group table size, in the daemon's pin directory.
     let root = std::path::PathBuf::from(format!("/sys/fs/bpf/shaper-test-{}", bed.srv.name));
     let dir = root.join(SERVER_DEV);
-    let other = shaper::dataplane::Capacity {
+    let other = shaper::capacity::Capacity {
         groups: 1024,
         ..Default::default()
     };
     shaper::pins::ensure_root(&root).expect("bpffs");
-    let dp =
-        shaper::dataplane::Dataplane::load_object_pinned(shaper::EBPF_OBJECT, other, Some(&dir))
-            .expect("load with other sizes");
+    let dp = shaper::dataplane::Loader::new()
+        .capacity(other)
+        .pinned(&dir)
+        .load()
+        .expect("load with other sizes");
     drop(dp);
     let err = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[])
         .err()
@@ -858,13 +860,12 @@ fn upgrade_to_another_build_on_the_pinned_link_loses_nothing() {
     // The daemon stops (the program stays); build B, the same code with another build
     // number, takes the pinned link over while the connection keeps sending.
     assert!(d.stop().expect("stop").success());
-    let mut b = shaper::dataplane::Dataplane::load_build(
-        shaper::EBPF_OBJECT,
-        Default::default(),
-        Some(&d.pin_dir()),
-        Some(2),
-    )
-    .expect("load build B");
+    let pins = d.pin_dir();
+    let mut b = shaper::dataplane::Loader::new()
+        .pinned(&pins)
+        .build(2)
+        .load()
+        .expect("load build B");
     let prog = b.program().expect("program");
     let att = bed
         .srv
@@ -933,4 +934,81 @@ fn the_programs_log_records_reach_the_daemons_log() {
     assert!(!quiet.contains(want), "{quiet}");
     let verbose = run(&[("SHAPER_BPF_LOG", "debug")]);
     assert!(verbose.contains(want), "{verbose}");
+}
+
+/// Removes an interface's pins when dropped (the daemon's guard removes its first
+/// interface's only).
+struct PinGuard(std::path::PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let _ = shaper::pins::remove(&self.0);
+    }
+}
+
+#[test]
+fn two_interfaces_with_different_histories_share_one_set_of_rule_ids() {
+    let bed = bed();
+    bed.srv
+        .ip(&["link", "add", "s1", "type", "veth", "peer", "name", "s1p"])
+        .expect("second interface");
+    bed.srv.ip(&["link", "set", "s1", "up"]).expect("up");
+    bed.srv.ip(&["link", "set", "s1p", "up"]).expect("up");
+    // The second interface's pins hold another policy's history: its rule has id 0,
+    // which a fresh first interface would give to `pupils`.
+    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/shaper-test-{}", bed.srv.name));
+    shaper::pins::ensure_root(&root).expect("bpffs");
+    let _pins = PinGuard(root.join("s1"));
+    {
+        let dir = root.join("s1");
+        let mut dp = shaper::dataplane::Loader::new()
+            .pinned(&dir)
+            .load()
+            .expect("load");
+        let old = shaper::policy::parse(
+            "old.toml",
+            "[[rule]]\nname = \"old\"\nprefix = \"203.0.113.0/24\"\nrate = 1\n",
+        )
+        .expect("valid");
+        let mut targets = [shaper::apply::Target {
+            name: "s1",
+            dp: &mut dp,
+        }];
+        let ids = shaper::apply::apply(&mut targets, &old).expect("apply");
+        assert_eq!(ids, [0]);
+    }
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &["--iface", "s1"]).expect("shaper run");
+    let st = json(&d, &["status"]);
+    assert_eq!(st["interfaces"].as_array().map(Vec::len), Some(2), "{st}");
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    // Five attempts through the first interface, within the burst: all admitted, and
+    // counted under `pupils` (its id the same on both interfaces).
+    let src = addr("198.18.9.10");
+    let s = storm(
+        &bed.cli,
+        src,
+        Testbed::dst_for(src),
+        5,
+        Duration::from_secs(1),
+    )
+    .expect("storm");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(admitted(&d), 5, "{}", json(&d, &["stats"]));
+    drop((s, server));
+    // A new policy switches both interfaces; the rule keeps its id and its counters.
+    let text =
+        format!("{POLICY}\n[[rule]]\nname = \"lab\"\nprefix = \"198.18.20.0/24\"\nrate = 5\n");
+    let file = std::env::temp_dir().join(format!("{}-two.toml", bed.srv.name));
+    std::fs::write(&file, &text).expect("write");
+    let s = sock(&d);
+    let out = shaper(&[
+        "policy",
+        "apply",
+        &file.display().to_string(),
+        "--socket",
+        &s,
+    ]);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(admitted(&d), 5);
 }

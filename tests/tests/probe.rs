@@ -2,7 +2,7 @@
 //! remembered for one policy epoch, never across a more specific prefix inside the
 //! block, and never across a new policy.
 
-use shaper::dataplane::Capacity;
+use shaper::capacity::Capacity;
 use shaper_common::{
     Outcome,
     maps::{GroupKey, family},
@@ -116,7 +116,7 @@ const EVERYONE: &str =
 fn a_new_policy_moves_cached_blocks_to_their_new_rules() {
     let mut h = Harness::with_capacity(EVERYONE, Capacity::default()).expect("load");
     let policy = h.policy.clone();
-    h.dp.apply_policy(&policy).expect("stable ids");
+    h.apply(&policy).expect("stable ids");
     for src in [[198, 18, 9, 1], [198, 18, 10, 6]] {
         first_only(&mut h, src, 2);
         let cached = probe_entry(&h, src).is_some_and(|(_, e)| e == h.dp.epoch().expect("epoch"));
@@ -131,7 +131,7 @@ fn a_new_policy_moves_cached_blocks_to_their_new_rules() {
         ),
     )
     .expect("valid");
-    let ids = h.dp.apply_policy(&next).expect("apply");
+    let ids = h.apply(&next).expect("apply");
     assert_eq!(
         verdict(&mut h, [198, 18, 9, 1]),
         XDP_PASS,
@@ -143,7 +143,7 @@ fn a_new_policy_moves_cached_blocks_to_their_new_rules() {
     assert_eq!(lab.counts[Outcome::Admitted as usize], 1);
     // And back: `lab` goes, its block returns to `everyone`, whose group there (the
     // rule is unchanged, so is its id) is still spent.
-    h.dp.apply_policy(&policy).expect("apply");
+    h.apply(&policy).expect("apply");
     for _ in 0..2 {
         assert_eq!(verdict(&mut h, [198, 18, 9, 1]), XDP_DROP);
         assert_eq!(verdict(&mut h, [198, 18, 10, 5]), XDP_DROP);
@@ -157,7 +157,7 @@ fn a_block_given_to_another_rule_starts_with_a_full_budget() {
     let mut h = Harness::with_capacity(first, Capacity::default()).expect("load");
     // Stable ids, as the daemon applies policies.
     let policy = h.policy.clone();
-    let first_ids = h.dp.apply_policy(&policy).expect("apply");
+    let first_ids = h.apply(&policy).expect("apply");
     let src = [198, 18, 3, 3];
     let got: Vec<u32> = (0..4).map(|_| verdict(&mut h, src)).collect();
     assert_eq!(got, [XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP], "burst 2");
@@ -168,7 +168,7 @@ fn a_block_given_to_another_rule_starts_with_a_full_budget() {
         "[[rule]]\nname = \"a\"\nprefix = \"198.18.0.0/15\"\nrate = \"1/min\"\nburst = 3\n",
     )
     .expect("valid");
-    let ids = h.dp.apply_policy(&second).expect("apply");
+    let ids = h.apply(&second).expect("apply");
     assert_ne!(ids[0], first_ids[0], "a new rule id");
     let got: Vec<u32> = (0..4).map(|_| verdict(&mut h, src)).collect();
     assert_eq!(
@@ -178,7 +178,7 @@ fn a_block_given_to_another_rule_starts_with_a_full_budget() {
     );
     assert_eq!(probe_entry(&h, src).map(|(r, _)| r), Some(ids[0]));
     // Applying the same policy again keeps the rule (same id) and its spent budget.
-    h.dp.apply_policy(&second).expect("apply");
+    h.apply(&second).expect("apply");
     assert_eq!(verdict(&mut h, src), XDP_DROP, "no new burst");
 }
 

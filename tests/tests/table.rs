@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use shaper::dataplane::Capacity;
+use shaper::capacity::Capacity;
 use shaper_common::{
     Outcome,
     maps::{GroupKey, family},

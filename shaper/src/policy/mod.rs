@@ -24,6 +24,10 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action, in the order the docs list them.
+    pub const ALL: [Action; 4] = [Action::Allow, Action::Monitor, Action::Drop, Action::Defer];
+
+    /// The action's name in the policy file (and in `stats`).
     pub fn name(self) -> &'static str {
         match self {
             Action::Allow => "allow",
@@ -31,6 +35,25 @@ impl Action {
             Action::Drop => "drop",
             Action::Defer => "defer",
         }
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+
+    /// An action by its name; the error lists the names there are.
+    fn from_str(s: &str) -> Result<Action, String> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
+                format!(
+                    "unknown action `{s}`: expected {} or {}",
+                    names[..names.len() - 1].join(", "),
+                    names[names.len() - 1]
+                )
+            })
     }
 }
 
@@ -158,6 +181,17 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
         }])
     })?;
     parse(&name, &text)
+}
+
+/// FNV-1a (64 bits) of `bytes`: the policy's hash that `status` shows, and each
+/// rule's definition hash that keeps its id.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// Validate policy text; `file` names it in errors.

@@ -164,16 +164,10 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
 
         let action = match &r.action {
             None => Some(Action::Drop),
-            Some(a) => match a.get_ref().as_str() {
-                "allow" => Some(Action::Allow),
-                "monitor" => Some(Action::Monitor),
-                "drop" => Some(Action::Drop),
-                "defer" => Some(Action::Defer),
-                other => {
-                    c.err(
-                        a,
-                        format!("unknown action `{other}`: expected allow, monitor, drop or defer"),
-                    );
+            Some(a) => match a.get_ref().parse::<Action>() {
+                Ok(action) => Some(action),
+                Err(e) => {
+                    c.err(a, e);
                     None
                 }
             },

@@ -10,7 +10,7 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Result, bail};
 use shaper::{
-    dataplane::Capacity,
+    capacity::Capacity,
     policy::{Action, Policy, Prefix, Rate, Rule},
 };
 use shaper_tests::{
@@ -193,7 +193,7 @@ fn prog() -> Result<()> {
     // The verifier's side: how much work the program is to check, and how long a load
     // takes (a restarted daemon pays it before it adopts).
     let t = std::time::Instant::now();
-    let mut dp = shaper::dataplane::Dataplane::load(Capacity::default())?;
+    let mut dp = shaper::dataplane::Dataplane::load()?;
     let load = t.elapsed();
     println!(
         "verifier: {} instructions processed; load {:.0} ms (program and maps)",

@@ -1,0 +1,158 @@
+//! What the daemon reports: `status`, `stats`, `top`, and the counters in its log.
+
+use std::net::IpAddr;
+
+use shaper_common::{
+    Outcome, Reason,
+    maps::{WAIT_BOUNDS_S, WAIT_BUCKETS},
+};
+
+use super::state::State;
+use crate::{
+    attach,
+    protocol::{self, IfaceStatus, MapFill, RuleStatsView, Stats, Status, TopGroup},
+};
+
+pub fn status(s: &State) -> Status {
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: protocol::PROTOCOL,
+        pid: std::process::id(),
+        uptime_s: s.started.elapsed().as_secs(),
+        config: s.config.display().to_string(),
+        generation: s.generation,
+        policy_hash: s.hash.clone(),
+        interfaces: s
+            .ifaces
+            .iter()
+            .map(|i| IfaceStatus {
+                iface: i.att.iface.clone(),
+                mode: i
+                    .att
+                    .mode
+                    .or_else(|| attach::kernel_mode(&i.att.iface))
+                    .map_or("unknown".to_string(), |m| m.to_string()),
+                prog_id: i.att.prog_id,
+                link_id: i.att.link_id,
+                adopted: i.att.adopted,
+                pin_dir: i.dir.display().to_string(),
+                maps: i
+                    .dp
+                    .fill_levels()
+                    .into_iter()
+                    .map(|(name, entries, capacity)| MapFill {
+                        name: name.to_string(),
+                        entries,
+                        capacity,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The groups nearest to (or over) their budget, congested ones first.
+pub fn top(s: &State, n: usize) -> Vec<TopGroup> {
+    let now = crate::dataplane::monotonic_ns();
+    let mut out = Vec::new();
+    for i in &s.ifaces {
+        for (key, st) in i.dp.groups() {
+            let Some(pos) = s.ids.iter().position(|id| *id == st.rule_id) else {
+                continue;
+            };
+            let Some(rule) = s.policy.rules.get(pos) else {
+                continue;
+            };
+            if key.len != rule.group {
+                // A probe entry only (the rule groups by another length).
+                continue;
+            }
+            let budget =
+                shaper_common::Budget::new(rule.rate.count, rule.rate.period_ns, rule.burst);
+            let used = if budget.interval_ns == 0 {
+                rule.burst as f64
+            } else {
+                st.tat_ns.saturating_sub(now) as f64 / budget.interval_ns as f64
+            };
+            let addr: IpAddr = if rule.prefix.addr.is_ipv4() {
+                let [a, b, c, d, ..] = key.addr;
+                IpAddr::from([a, b, c, d])
+            } else {
+                IpAddr::from(key.addr)
+            };
+            out.push(TopGroup {
+                iface: i.att.iface.clone(),
+                rule: rule.name.clone(),
+                group: format!("{addr}/{}", rule.group),
+                burst_used: used.min(rule.burst as f64),
+                burst: rule.burst,
+                congested: now < st.line.congested_until_ns,
+                joined_line: st.line.q_cur.saturating_add(st.line.q_prev),
+            });
+        }
+    }
+    out.sort_by(|a, b| {
+        b.congested
+            .cmp(&a.congested)
+            .then(b.burst_used.total_cmp(&a.burst_used))
+            .then(b.joined_line.cmp(&a.joined_line))
+    });
+    out.truncate(n);
+    out
+}
+
+pub fn stats(s: &State) -> Stats {
+    let mut out = Stats::default();
+    for (pos, rule) in s.policy.rules.iter().enumerate() {
+        let Some(&id) = s.ids.get(pos) else { continue };
+        let mut v = RuleStatsView {
+            name: rule.name.clone(),
+            prefix: rule.prefix.to_string(),
+            action: rule.action.name().to_string(),
+            ..RuleStatsView::default()
+        };
+        let mut wait = [0u64; WAIT_BUCKETS];
+        let mut sum_ns = 0u64;
+        for i in &s.ifaces {
+            let Ok(c) = i.dp.rule_counters(id) else {
+                continue;
+            };
+            for o in Outcome::ALL {
+                *v.outcomes.entry(o.name().to_string()).or_default() += c.get(o);
+            }
+            for (w, x) in wait.iter_mut().zip(c.wait.iter()) {
+                *w += x;
+            }
+            sum_ns = sum_ns.wrapping_add(c.wait_sum_ns);
+        }
+        v.wait_buckets = protocol::cumulative_waits(&WAIT_BOUNDS_S, &wait);
+        v.wait_sum_s = sum_ns as f64 / 1e9;
+        out.rules.push(v);
+    }
+    for i in &s.ifaces {
+        if let Ok(g) = i.dp.global_counters() {
+            for (r, n) in Reason::ALL.iter().zip(g) {
+                *out.global.entry(r.name().to_string()).or_default() += n;
+            }
+        }
+    }
+    out
+}
+
+pub fn log_counters(s: &State) {
+    let st = stats(s);
+    let line: Vec<String> = st
+        .global
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    tracing::info!(counters = %line.join(" "), "global");
+    for r in &st.rules {
+        let counts: Vec<String> = Outcome::ALL
+            .iter()
+            .map(|o| format!("{}={}", o.name(), r.get(*o)))
+            .collect();
+        tracing::info!(rule = %r.name, counters = %counts.join(" "), "rule");
+    }
+}
