@@ -5,7 +5,7 @@ use std::{os::fd::AsFd as _, path::Path};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::Xdp;
 
-use crate::{bpfsys, pins};
+use crate::{bpfsys, netlink, pins};
 
 /// How to attach, as the operator asks for it (`--mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -87,7 +87,7 @@ pub fn attach_pinned(
     let try_mode = |m: Attached| -> std::io::Result<std::os::fd::OwnedFd> {
         match create(m.flags()) {
             Err(e) if foreign(&e) && replace_foreign => {
-                let other = foreign_program(iface);
+                let other = foreign_program(ifindex);
                 tracing::warn!(iface, other = %other, "--replace: detaching another XDP program");
                 remove_foreign(iface, ifindex);
                 create(m.flags())
@@ -100,7 +100,7 @@ pub fn attach_pinned(
         if busy(&e) {
             anyhow!(
                 "{iface} already has an XDP program ({}) that shaper did not attach; refusing to replace it. Detach it first, or pass --replace to take the interface over",
-                foreign_program(iface)
+                foreign_program(ifindex)
             )
         } else {
             anyhow!("attaching to {iface}: {e}")
@@ -176,34 +176,18 @@ fn ifindex(iface: &str) -> Result<u32> {
     }
 }
 
-/// `ip -d link show IF`, for what the kernel reports of XDP on it.
-fn ip_link(iface: &str) -> String {
-    std::process::Command::new("ip")
-        .args(["-d", "link", "show", "dev", iface])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-/// The mode the kernel reports for the XDP program on `iface`.
+/// The mode the kernel reports for the XDP program on `iface` (over netlink).
 pub fn kernel_mode(iface: &str) -> Option<Attached> {
-    let text = ip_link(iface);
-    if text.contains("xdpgeneric") {
-        Some(Attached::Skb)
-    } else if text.contains("xdp") {
-        Some(Attached::Native)
-    } else {
-        None
-    }
+    let index = ifindex(iface).ok()?;
+    netlink::xdp(index).ok().flatten().and_then(|x| x.mode)
 }
 
-/// A description of the XDP program another tool attached (its id, from `ip`).
-fn foreign_program(iface: &str) -> String {
-    let text = ip_link(iface);
-    text.split_whitespace()
-        .skip_while(|w| !w.starts_with("prog/xdp"))
-        .nth(2)
-        .map_or_else(|| "id unknown".to_string(), |id| format!("program id {id}"))
+/// A description of the XDP program another tool attached (its id, from the kernel).
+fn foreign_program(ifindex: u32) -> String {
+    match netlink::xdp(ifindex) {
+        Ok(Some(x)) if x.prog_id != 0 => format!("program id {}", x.prog_id),
+        _ => "id unknown".to_string(),
+    }
 }
 
 fn remove_foreign(iface: &str, ifindex: u32) {
@@ -214,9 +198,5 @@ fn remove_foreign(iface: &str, ifindex: u32) {
         Err(e) => tracing::warn!(iface, error = %e, "detaching another tool's XDP link"),
     }
     // Attached through netlink: switch it off.
-    for kind in ["xdp", "xdpgeneric", "xdpdrv"] {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "set", "dev", iface, kind, "off"])
-            .status();
-    }
+    netlink::detach(ifindex);
 }

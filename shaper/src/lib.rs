@@ -11,6 +11,7 @@ pub mod counters;
 pub mod daemon;
 pub mod dataplane;
 pub mod mapmem;
+pub mod netlink;
 pub mod pins;
 pub mod policy;
 pub mod protocol;
