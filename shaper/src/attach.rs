@@ -61,14 +61,14 @@ pub fn attach_pinned(
 ) -> Result<Attachment> {
     let prog_fd = prog.fd().context("the program is not loaded")?;
     let prog_fd = prog_fd.as_fd();
-    let prog_id = bpfsys::prog_id(prog_fd).context("reading the program's id")?;
+    let prog_id = prog.info().context("reading the program's id")?.id();
     let pin = dir.join(pins::LINK);
     if pin.exists() {
         let link = bpfsys::obj_get(&pin)
             .with_context(|| format!("opening the pinned link {}", pin.display()))?;
         let info = bpfsys::xdp_link_info(link.as_fd())?;
         if info.ifindex != 0 {
-            bpfsys::link_update(link.as_fd(), prog_fd, None)
+            bpfsys::link_update(link.as_fd(), prog_fd)
                 .with_context(|| format!("replacing the program on {iface}'s pinned link"))?;
             return Ok(Attachment {
                 iface: iface.to_string(),

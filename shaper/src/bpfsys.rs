@@ -1,12 +1,22 @@
-//! The few `bpf(2)` commands aya 0.14 does not expose for XDP links: create a link,
-//! pin it, open a pin, replace its program atomically, read its info. The layouts are
-//! the kernel's stable `union bpf_attr` members.
+//! The few `bpf(2)` commands aya 0.14 does not give for XDP links, on the kernel's
+//! stable `union bpf_attr` layouts:
+//!
+//! - create a link with no netlink fallback (`Xdp::attach` falls back to a netlink
+//!   attachment, which has no pin and no atomic replace);
+//! - pin that link and open its pin again (aya's `FdLink` can pin, but cannot be made
+//!   from a link created here: its constructor is the crate's own);
+//! - replace a pinned link's program atomically, and read the link's interface (a link
+//!   whose interface went away is defunct; aya's `LinkInfo` has no ifindex);
+//! - find and detach another tool's links (`BPF_LINK_GET_NEXT_ID`, `GET_FD_BY_ID`,
+//!   `LINK_DETACH`).
+//!
+//! A program's id is aya's (`Xdp::info`).
 
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -22,8 +32,6 @@ const BPF_XDP: u32 = 37;
 /// `XDP_FLAGS_SKB_MODE`, `XDP_FLAGS_DRV_MODE`.
 pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-/// `BPF_F_REPLACE`: only replace if the old program is the one given.
-const BPF_F_REPLACE: u32 = 1 << 2;
 
 /// Large enough for every `union bpf_attr` member used here, zero-filled.
 #[repr(C, align(8))]
@@ -96,19 +104,11 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     owned(bpf(BPF_OBJ_GET, &mut a)?)
 }
 
-/// Atomically replace the program of `link` by `new_prog`, if it still runs `old_prog`.
-pub fn link_update(
-    link: BorrowedFd<'_>,
-    new_prog: BorrowedFd<'_>,
-    old_prog: Option<BorrowedFd<'_>>,
-) -> io::Result<()> {
+/// Atomically replace the program of `link` by `new_prog`.
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
     let mut a = Attr::new();
     a.u32_at(0, link.as_raw_fd() as u32);
     a.u32_at(4, new_prog.as_raw_fd() as u32);
-    if let Some(old) = old_prog {
-        a.u32_at(8, BPF_F_REPLACE);
-        a.u32_at(12, old.as_raw_fd() as u32);
-    }
     bpf(BPF_LINK_UPDATE, &mut a).map(|_| ())
 }
 
@@ -137,18 +137,6 @@ pub fn xdp_link_info(link: BorrowedFd<'_>) -> io::Result<XdpLinkInfo> {
         prog_id: u(8),
         ifindex: u(16),
     })
-}
-
-/// The id of a loaded program (`bpf_prog_info.id`).
-pub fn prog_id(prog: impl AsFd) -> io::Result<u32> {
-    // struct bpf_prog_info { u32 type; u32 id; … }
-    let mut info = [0u8; 256];
-    let mut a = Attr::new();
-    a.u32_at(0, prog.as_fd().as_raw_fd() as u32);
-    a.u32_at(4, info.len() as u32);
-    a.u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
-    Ok(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
 }
 
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
