@@ -6,7 +6,7 @@ use toml::Spanned;
 
 use super::{
     Action, Policy, PolicyError, PolicyErrors, Prefix, Rate, Rule,
-    raw::{RawPolicy, error_at},
+    raw::{RawDefaults, RawPolicy, RawProtect, RawRule, error_at},
 };
 
 /// Most rules a policy may hold (the data plane's default capacity).
@@ -57,6 +57,20 @@ impl Checker<'_> {
     }
 }
 
+/// What `[defaults]` sets for every rule.
+struct Defaults {
+    v4_group: u8,
+    v6_group: u8,
+    max_wait: Duration,
+}
+
+/// Names and prefixes of the rules so far (each may appear once).
+#[derive(Default)]
+struct Seen {
+    names: HashMap<String, usize>,
+    prefixes: HashMap<Prefix, String>,
+}
+
 pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, PolicyErrors> {
     let mut c = Checker {
         file,
@@ -64,244 +78,18 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
         errors: Vec::new(),
         warnings: Vec::new(),
     };
-    let (mut v4_group, mut v6_group, mut max_wait) = (24u8, 64u8, DEFAULT_MAX_WAIT);
-    if let Some(d) = &raw.defaults {
-        let d = d.get_ref();
-        if let Some(g) = &d.ipv4_group {
-            v4_group = group_len(&mut c, g, 32, "ipv4_group").unwrap_or(v4_group);
-        }
-        if let Some(g) = &d.ipv6_group {
-            v6_group = group_len(&mut c, g, 128, "ipv6_group").unwrap_or(v6_group);
-        }
-        if let Some(w) = &d.max_wait {
-            max_wait = wait(&mut c, w).unwrap_or(max_wait);
-        }
-    }
-
-    let mut rules = Vec::new();
-    let mut names: HashMap<String, usize> = HashMap::new();
-    let mut prefixes: HashMap<Prefix, String> = HashMap::new();
+    let d = defaults(&mut c, raw.defaults.as_ref().map(Spanned::get_ref));
     if let Some(extra) = raw.rules.get(MAX_RULES) {
         c.err(extra, format!("too many rules: at most {MAX_RULES}"));
     }
-    for r in &raw.rules {
-        let r = r.get_ref();
-        let name = r.name.get_ref();
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            c.err(
-                &r.name,
-                format!("invalid rule name `{name}`: use 1-64 letters, digits, `-`, `_` or `.`"),
-            );
-        } else if names.contains_key(name) {
-            c.err(&r.name, format!("duplicate rule name `{name}`"));
-        }
-        names.insert(name.clone(), rules.len());
-
-        let prefix = match Prefix::parse(r.prefix.get_ref()) {
-            Ok(p) => {
-                if let Some(other) = prefixes.get(&p) {
-                    c.err(
-                        &r.prefix,
-                        format!("prefix {p} is already used by rule `{other}`"),
-                    );
-                }
-                prefixes.insert(p, name.clone());
-                Some(p)
-            }
-            Err(e) => {
-                c.err(&r.prefix, e);
-                None
-            }
-        };
-
-        let rate = parse_rate_value(&mut c, &r.rate, "rate");
-        let burst = match (&r.burst, rate) {
-            (Some(b), _) => {
-                match *b.get_ref() {
-                    n if !(0..=MAX_BURST).contains(&n) => {
-                        c.err(b, format!("burst {n} is out of range 0..={MAX_BURST}"));
-                        None
-                    }
-                    0 if rate.is_some_and(|r| r.count > 0) => {
-                        c.err(b, "burst must be at least 1 when rate is above 0 (nothing could be admitted)");
-                        None
-                    }
-                    n => u64::try_from(n).ok(),
-                }
-            }
-            // Default: one second's worth of the rate.
-            (None, Some(rt)) => Some(rt.per_second_ceil()),
-            (None, None) => None,
-        };
-
-        let group = match (&r.group, prefix) {
-            (Some(gs), Some(p)) => match group_len(&mut c, gs, p.max_len(), "group") {
-                Some(g) if g < p.len => {
-                    c.err(
-                        gs,
-                        format!(
-                            "group /{g} is wider than the rule's prefix /{}: use a length \
-                             from {} to {}",
-                            p.len,
-                            p.len,
-                            p.max_len()
-                        ),
-                    );
-                    None
-                }
-                g => g,
-            },
-            (Some(g), None) => group_len(&mut c, g, 128, "group"),
-            // Default per family, never wider than the prefix itself.
-            (None, Some(p)) => Some(if p.addr.is_ipv4() { v4_group } else { v6_group }.max(p.len)),
-            (None, None) => None,
-        };
-
-        let action = match &r.action {
-            None => Some(Action::Drop),
-            Some(a) => match a.get_ref().parse::<Action>() {
-                Ok(action) => Some(action),
-                Err(e) => {
-                    c.err(a, e);
-                    None
-                }
-            },
-        };
-
-        let ceiling = match &r.ceiling {
-            None => Some(None),
-            Some(v) => match parse_rate_value(&mut c, v, "ceiling") {
-                Some(rt) if rt.count == 0 => {
-                    c.err(
-                        v,
-                        "ceiling must be above 0 (use rate = 0 to refuse everything)",
-                    );
-                    None
-                }
-                Some(rt) => Some(Some(rt)),
-                None => None,
-            },
-        };
-
-        let rule_wait = match &r.max_wait {
-            None => Some(max_wait),
-            Some(w) => wait(&mut c, w),
-        };
-
-        let max_waiting = match &r.max_waiting {
-            None => Some(None),
-            Some(q) => match u32::try_from(*q.get_ref()) {
-                Ok(n) if (1..=MAX_WAITING).contains(&n) => Some(Some(n)),
-                _ => {
-                    c.err(
-                        q,
-                        format!(
-                            "max_waiting {} is out of range 1..={MAX_WAITING}",
-                            q.get_ref()
-                        ),
-                    );
-                    None
-                }
-            },
-        };
-
-        if let (
-            Some(prefix),
-            Some(rate),
-            Some(burst),
-            Some(group),
-            Some(action),
-            Some(ceiling),
-            Some(max_wait),
-            Some(max_waiting),
-        ) = (
-            prefix,
-            rate,
-            burst,
-            group,
-            action,
-            ceiling,
-            rule_wait,
-            max_waiting,
-        ) {
-            if action != Action::Defer {
-                for key in [
-                    r.max_wait.as_ref().map(|w| w.span()),
-                    r.max_waiting.as_ref().map(|w| w.span()),
-                ]
-                .into_iter()
-                .flatten()
-                {
-                    c.warn_at(
-                        key.start,
-                        format!(
-                            "rule `{name}`: max_wait and max_waiting only matter for action = \"defer\""
-                        ),
-                    );
-                }
-            }
-            if let IpAddr::V6(a) = prefix.addr
-                && a.to_ipv4_mapped().is_some()
-                && prefix.len >= 96
-            {
-                c.warn_at(
-                    r.prefix.span().start,
-                    format!(
-                        "rule `{name}`: {prefix} is IPv4-mapped IPv6 and never matches (IPv4 \
-                         attempts are matched as IPv4): write the IPv4 prefix"
-                    ),
-                );
-            }
-            let max_waiting =
-                max_waiting.unwrap_or_else(|| default_max_waiting(rate, burst, max_wait));
-            rules.push(Rule {
-                name: name.clone(),
-                prefix,
-                rate,
-                burst,
-                group,
-                action,
-                ceiling,
-                max_wait,
-                max_waiting,
-            });
+    let mut seen = Seen::default();
+    let mut rules = Vec::new();
+    for (i, r) in raw.rules.iter().enumerate() {
+        if let Some(rule) = rule(&mut c, r.get_ref(), &d, &mut seen, i) {
+            rules.push(rule);
         }
     }
-
-    let mut protected_prefixes = Vec::new();
-    let mut protected_ports = Vec::new();
-    if let Some(p) = &raw.protect {
-        let p = p.get_ref();
-        for s in &p.prefixes {
-            match Prefix::parse(s.get_ref()) {
-                Ok(px) if protected_prefixes.contains(&px) => {
-                    c.err(s, format!("protected prefix {px} is listed twice"));
-                }
-                Ok(px) => protected_prefixes.push(px),
-                Err(e) => c.err(s, e),
-            }
-        }
-        for port in &p.ports {
-            match u16::try_from(*port.get_ref()) {
-                Ok(n) if n > 0 => {
-                    if protected_ports.contains(&n) {
-                        c.err(port, format!("protected port {n} is listed twice"));
-                    }
-                    protected_ports.push(n);
-                }
-                _ => c.err(
-                    port,
-                    format!("port {} is out of range 1..=65535", port.get_ref()),
-                ),
-            }
-        }
-    }
-
+    let (protected_prefixes, protected_ports) = protect(&mut c, raw.protect.as_ref());
     if !rules.is_empty() && !rules.iter().any(|r| matches!(r.prefix.addr, IpAddr::V6(_))) {
         c.warn_at(
             0,
@@ -319,6 +107,273 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
     } else {
         Err(PolicyErrors(c.errors))
     }
+}
+
+/// `[defaults]`: group lengths per family and `max_wait`.
+fn defaults(c: &mut Checker<'_>, raw: Option<&RawDefaults>) -> Defaults {
+    let mut d = Defaults {
+        v4_group: 24,
+        v6_group: 64,
+        max_wait: DEFAULT_MAX_WAIT,
+    };
+    if let Some(raw) = raw {
+        if let Some(g) = &raw.ipv4_group {
+            d.v4_group = group_len(c, g, 32, "ipv4_group").unwrap_or(d.v4_group);
+        }
+        if let Some(g) = &raw.ipv6_group {
+            d.v6_group = group_len(c, g, 128, "ipv6_group").unwrap_or(d.v6_group);
+        }
+        if let Some(w) = &raw.max_wait {
+            d.max_wait = wait(c, w).unwrap_or(d.max_wait);
+        }
+    }
+    d
+}
+
+/// One `[[rule]]`, the `index`-th: every field checked (all its errors reported), then
+/// the rule if all are valid.
+fn rule(
+    c: &mut Checker<'_>,
+    r: &RawRule,
+    d: &Defaults,
+    seen: &mut Seen,
+    index: usize,
+) -> Option<Rule> {
+    let name = r.name.get_ref();
+    rule_name(c, r, seen, index);
+    let prefix = rule_prefix(c, r, seen);
+    let rate = parse_rate_value(c, &r.rate, "rate");
+    let burst = rule_burst(c, r, rate);
+    let group = rule_group(c, r, prefix, d);
+    let action = match &r.action {
+        None => Some(Action::Drop),
+        Some(a) => a.get_ref().parse::<Action>().map_err(|e| c.err(a, e)).ok(),
+    };
+    let ceiling = rule_ceiling(c, r);
+    let max_wait = match &r.max_wait {
+        None => Some(d.max_wait),
+        Some(w) => wait(c, w),
+    };
+    let max_waiting = rule_max_waiting(c, r);
+    // Every field was checked above; a rule is made only if all are valid.
+    let (prefix, rate, burst, max_wait) = (prefix?, rate?, burst?, max_wait?);
+    let rule = Rule {
+        name: name.clone(),
+        prefix,
+        rate,
+        burst,
+        group: group?,
+        action: action?,
+        ceiling: ceiling?,
+        max_wait,
+        max_waiting: max_waiting?.unwrap_or_else(|| default_max_waiting(rate, burst, max_wait)),
+    };
+    rule_warnings(c, r, &rule);
+    Some(rule)
+}
+
+fn rule_name(c: &mut Checker<'_>, r: &RawRule, seen: &mut Seen, index: usize) {
+    let name = r.name.get_ref();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        c.err(
+            &r.name,
+            format!("invalid rule name `{name}`: use 1-64 letters, digits, `-`, `_` or `.`"),
+        );
+    } else if seen.names.contains_key(name) {
+        c.err(&r.name, format!("duplicate rule name `{name}`"));
+    }
+    seen.names.insert(name.clone(), index);
+}
+
+fn rule_prefix(c: &mut Checker<'_>, r: &RawRule, seen: &mut Seen) -> Option<Prefix> {
+    match Prefix::parse(r.prefix.get_ref()) {
+        Ok(p) => {
+            if let Some(other) = seen.prefixes.get(&p) {
+                c.err(
+                    &r.prefix,
+                    format!("prefix {p} is already used by rule `{other}`"),
+                );
+            }
+            seen.prefixes.insert(p, r.name.get_ref().clone());
+            Some(p)
+        }
+        Err(e) => {
+            c.err(&r.prefix, e);
+            None
+        }
+    }
+}
+
+fn rule_burst(c: &mut Checker<'_>, r: &RawRule, rate: Option<Rate>) -> Option<u64> {
+    match (&r.burst, rate) {
+        (Some(b), _) => match *b.get_ref() {
+            n if !(0..=MAX_BURST).contains(&n) => {
+                c.err(b, format!("burst {n} is out of range 0..={MAX_BURST}"));
+                None
+            }
+            0 if rate.is_some_and(|r| r.count > 0) => {
+                c.err(
+                    b,
+                    "burst must be at least 1 when rate is above 0 (nothing could be admitted)",
+                );
+                None
+            }
+            n => u64::try_from(n).ok(),
+        },
+        // Default: one second's worth of the rate.
+        (None, Some(rt)) => Some(rt.per_second_ceil()),
+        (None, None) => None,
+    }
+}
+
+fn rule_group(
+    c: &mut Checker<'_>,
+    r: &RawRule,
+    prefix: Option<Prefix>,
+    d: &Defaults,
+) -> Option<u8> {
+    match (&r.group, prefix) {
+        (Some(gs), Some(p)) => match group_len(c, gs, p.max_len(), "group") {
+            Some(g) if g < p.len => {
+                c.err(
+                    gs,
+                    format!(
+                        "group /{g} is wider than the rule's prefix /{}: use a length \
+                         from {} to {}",
+                        p.len,
+                        p.len,
+                        p.max_len()
+                    ),
+                );
+                None
+            }
+            g => g,
+        },
+        (Some(g), None) => group_len(c, g, 128, "group"),
+        // Default per family, never wider than the prefix itself.
+        (None, Some(p)) => Some(
+            if p.addr.is_ipv4() {
+                d.v4_group
+            } else {
+                d.v6_group
+            }
+            .max(p.len),
+        ),
+        (None, None) => None,
+    }
+}
+
+/// `ceiling`: `Some(None)` when there is none.
+fn rule_ceiling(c: &mut Checker<'_>, r: &RawRule) -> Option<Option<Rate>> {
+    let v = match &r.ceiling {
+        None => return Some(None),
+        Some(v) => v,
+    };
+    match parse_rate_value(c, v, "ceiling") {
+        Some(rt) if rt.count == 0 => {
+            c.err(
+                v,
+                "ceiling must be above 0 (use rate = 0 to refuse everything)",
+            );
+            None
+        }
+        Some(rt) => Some(Some(rt)),
+        None => None,
+    }
+}
+
+/// `max_waiting`: `Some(None)` when not set (the default depends on the rate).
+fn rule_max_waiting(c: &mut Checker<'_>, r: &RawRule) -> Option<Option<u32>> {
+    let q = match &r.max_waiting {
+        None => return Some(None),
+        Some(q) => q,
+    };
+    match u32::try_from(*q.get_ref()) {
+        Ok(n) if (1..=MAX_WAITING).contains(&n) => Some(Some(n)),
+        _ => {
+            c.err(
+                q,
+                format!(
+                    "max_waiting {} is out of range 1..={MAX_WAITING}",
+                    q.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// What is valid in a rule but likely not meant.
+fn rule_warnings(c: &mut Checker<'_>, r: &RawRule, rule: &Rule) {
+    let name = &rule.name;
+    if rule.action != Action::Defer {
+        for key in [
+            r.max_wait.as_ref().map(|w| w.span()),
+            r.max_waiting.as_ref().map(|w| w.span()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            c.warn_at(
+                key.start,
+                format!(
+                    "rule `{name}`: max_wait and max_waiting only matter for action = \"defer\""
+                ),
+            );
+        }
+    }
+    let prefix = rule.prefix;
+    if let IpAddr::V6(a) = prefix.addr
+        && a.to_ipv4_mapped().is_some()
+        && prefix.len >= 96
+    {
+        c.warn_at(
+            r.prefix.span().start,
+            format!(
+                "rule `{name}`: {prefix} is IPv4-mapped IPv6 and never matches (IPv4 \
+                 attempts are matched as IPv4): write the IPv4 prefix"
+            ),
+        );
+    }
+}
+
+/// `[protect]`: prefixes and ports, each listed once.
+fn protect(c: &mut Checker<'_>, raw: Option<&Spanned<RawProtect>>) -> (Vec<Prefix>, Vec<u16>) {
+    let mut prefixes = Vec::new();
+    let mut ports = Vec::new();
+    let Some(p) = raw else {
+        return (prefixes, ports);
+    };
+    let p = p.get_ref();
+    for s in &p.prefixes {
+        match Prefix::parse(s.get_ref()) {
+            Ok(px) if prefixes.contains(&px) => {
+                c.err(s, format!("protected prefix {px} is listed twice"));
+            }
+            Ok(px) => prefixes.push(px),
+            Err(e) => c.err(s, e),
+        }
+    }
+    for port in &p.ports {
+        match u16::try_from(*port.get_ref()) {
+            Ok(n) if n > 0 => {
+                if ports.contains(&n) {
+                    c.err(port, format!("protected port {n} is listed twice"));
+                }
+                ports.push(n);
+            }
+            _ => c.err(
+                port,
+                format!("port {} is out of range 1..=65535", port.get_ref()),
+            ),
+        }
+    }
+    (prefixes, ports)
 }
 
 fn group_len(c: &mut Checker<'_>, g: &Spanned<i64>, max: u8, field: &str) -> Option<u8> {
