@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::Xdp,
 };
 use shaper_common::maps::{
@@ -15,7 +15,7 @@ use shaper_common::maps::{
     RuleBudget, RuleEntry, RuleStats, config, gen_key, key_generation,
 };
 
-use crate::{capacity::Capacity, mapmem::MapMemory, policy::Compiled};
+use crate::{capacity::Capacity, clock, mapmem::MapMemory, policy::Compiled};
 
 /// Byte offset of the seed in the `CONFIG` value.
 const SEED_OFFSET: usize = std::mem::offset_of!(Config, seed);
@@ -116,10 +116,10 @@ impl<'a> Loader<'a> {
         // The program's own log records below this level are skipped in the kernel.
         let level = bpf_log_level();
         loader.override_global(aya_log::LEVEL, &level, false);
-        let lag = coarse_clock_lag_ns();
+        let lag = clock::coarse_clock_lag_ns();
         loader.override_global("SHAPER_COARSE_LAG_NS", &lag, true);
         // Without it the program never decides on the coarse clock.
-        let tick = tick_ns().unwrap_or(0);
+        let tick = clock::tick_ns().unwrap_or(0);
         loader.override_global("SHAPER_TICK_NS", &tick, true);
         let mask = capacity.groups - 1;
         loader.override_global("SHAPER_GROUP_MASK", &mask, true);
@@ -194,14 +194,34 @@ impl Dataplane {
         program_mut(&mut self.ebpf, PROGRAM_NAME)
     }
 
+    /// Map `name`, typed (`Array<&MapData, V>`, `PerCpuArray<…>`, …).
+    fn map<'a, T>(&'a self, name: &str) -> Result<T>
+    where
+        T: TryFrom<&'a Map, Error = MapError>,
+    {
+        let m = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))?;
+        T::try_from(m).with_context(|| format!("map {name}"))
+    }
+
+    /// Map `name`, typed, for writing.
+    fn map_mut<'a, T>(&'a mut self, name: &str) -> Result<T>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))?;
+        T::try_from(m).with_context(|| format!("map {name}"))
+    }
+
     /// Each rule id's definition hash as the maps hold it (0: the id is free). Ids are
     /// stable across applies and daemon restarts: the table is pinned.
     pub fn rule_hashes(&self) -> Result<Vec<u64>> {
-        let ids: Array<&MapData, u64> = Array::try_from(
-            self.ebpf
-                .map(MAP_RULE_IDS)
-                .ok_or_else(|| anyhow!("map {MAP_RULE_IDS} missing"))?,
-        )?;
+        let ids: Array<&MapData, u64> = self.map(MAP_RULE_IDS)?;
         Ok((0..self.capacity.rules)
             .map(|i| ids.get(&i, 0).unwrap_or(0))
             .collect())
@@ -242,11 +262,7 @@ impl Dataplane {
             .map(|(a, len, e)| (gen_key(next, a), len + GEN_BITS, *e))
             .collect();
         {
-            let mut rules: Array<&mut MapData, RuleEntry> = Array::try_from(
-                self.ebpf
-                    .map_mut(MAP_RULES)
-                    .ok_or_else(|| anyhow!("map {MAP_RULES} missing"))?,
-            )?;
+            let mut rules: Array<&mut MapData, RuleEntry> = self.map_mut(MAP_RULES)?;
             for e in policy.by_id() {
                 rules.set(e.rule_id, e, 0)?;
             }
@@ -284,11 +300,7 @@ impl Dataplane {
         write_generation::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, old, &[])?;
         self.port_bits(|_, v| v & !(1 << old))?;
         let current = self.rule_hashes()?;
-        let mut table: Array<&mut MapData, u64> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_RULE_IDS)
-                .ok_or_else(|| anyhow!("map {MAP_RULE_IDS} missing"))?,
-        )?;
+        let mut table: Array<&mut MapData, u64> = self.map_mut(MAP_RULE_IDS)?;
         for (id, have) in (0u32..).zip(current) {
             let want = ids.iter().find(|(i, _)| *i == id).map_or(0, |(_, h)| *h);
             if have != want {
@@ -360,21 +372,13 @@ impl Dataplane {
 
     /// The policy epoch (0 before the first policy).
     pub fn epoch(&self) -> Result<u32> {
-        let config: Array<&MapData, Config> = Array::try_from(
-            self.ebpf
-                .map(MAP_CONFIG)
-                .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
-        )?;
+        let config: Array<&MapData, Config> = self.map(MAP_CONFIG)?;
         Ok(config::parts(config.get(&0, 0)?.word).0)
     }
 
     /// Rewrite each port's generation bits with `f(port, bits)`, writing only changes.
     fn port_bits(&mut self, f: impl Fn(u16, u32) -> u32) -> Result<()> {
-        let mut ports: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_PROTECTED_PORTS)
-                .ok_or_else(|| anyhow!("map {MAP_PROTECTED_PORTS} missing"))?,
-        )?;
+        let mut ports: Array<&mut MapData, u32> = self.map_mut(MAP_PROTECTED_PORTS)?;
         for port in 0..=u16::MAX {
             let v = ports.get(&u32::from(port), 0)?;
             let want = f(port, v);
@@ -390,20 +394,12 @@ impl Dataplane {
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let ids: Vec<u32> = ids.into_iter().collect();
         {
-            let mut budgets: Array<&mut MapData, RuleBudget> = Array::try_from(
-                self.ebpf
-                    .map_mut(MAP_RULE_BUDGETS)
-                    .ok_or_else(|| anyhow!("map {MAP_RULE_BUDGETS} missing"))?,
-            )?;
+            let mut budgets: Array<&mut MapData, RuleBudget> = self.map_mut(MAP_RULE_BUDGETS)?;
             for &id in &ids {
                 budgets.set(id, RuleBudget::default(), 0)?;
             }
         }
-        let mut stats: PerCpuArray<&mut MapData, RuleStats> = PerCpuArray::try_from(
-            self.ebpf
-                .map_mut(MAP_RULE_STATS)
-                .ok_or_else(|| anyhow!("map {MAP_RULE_STATS} missing"))?,
-        )?;
+        let mut stats: PerCpuArray<&mut MapData, RuleStats> = self.map_mut(MAP_RULE_STATS)?;
         for &id in &ids {
             let zeros = aya::maps::PerCpuValues::try_from(vec![RuleStats::default(); ncpus])?;
             stats.set(id, zeros, 0)?;
@@ -546,33 +542,4 @@ fn write_generation<K: aya::Pod + Eq + std::hash::Hash + AsRef<[u8]>>(
             .with_context(|| format!("writing {name} (is the trie full?)"))?;
     }
     Ok(())
-}
-
-/// The kernel's tick in ns: the resolution of its coarse clock, which moves once per
-/// tick, as jiffies do (`None` if the kernel does not say).
-pub fn tick_ns() -> Option<u64> {
-    let res = rustix::time::clock_getres(rustix::time::ClockId::MonotonicCoarse);
-    let tick = u64::try_from(res.tv_sec)
-        .ok()
-        .zip(u64::try_from(res.tv_nsec).ok())
-        .map(|(s, ns)| s.saturating_mul(1_000_000_000).saturating_add(ns));
-    tick.filter(|&t| t > 0)
-}
-
-/// `CLOCK_MONOTONIC` in ns: the program's exact clock (`bpf_ktime_get_ns`).
-pub fn monotonic_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    u64::try_from(t.tv_sec)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
-}
-
-/// How far the program's coarse clock (jiffies) may read behind the exact one: two
-/// ticks (one it is always up to behind, one for a late tick). The program refuses
-/// attempts surely over budget on the coarse clock only when they are that far from
-/// conforming.
-pub fn coarse_clock_lag_ns() -> u64 {
-    // HZ=100 is the slowest tick Linux has: 10 ms.
-    tick_ns().map_or(20_000_000, |t| t.saturating_mul(2))
 }

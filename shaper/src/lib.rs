@@ -7,6 +7,7 @@ pub mod attach;
 pub mod bpfsys;
 pub mod capacity;
 pub mod client;
+pub mod clock;
 pub mod counters;
 pub mod daemon;
 pub mod dataplane;

@@ -53,7 +53,7 @@ pub fn status(s: &State) -> Status {
 
 /// The groups nearest to (or over) their budget, congested ones first.
 pub fn top(s: &State, n: usize) -> Vec<TopGroup> {
-    let now = crate::dataplane::monotonic_ns();
+    let now = crate::clock::monotonic_ns();
     let mut out = Vec::new();
     for i in &s.ifaces {
         for (key, st) in i.dp.groups() {
