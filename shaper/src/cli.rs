@@ -94,6 +94,23 @@ pub struct RunArgs {
     /// Take the interface over from another tool's XDP program.
     #[arg(long)]
     pub replace: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (`off`: not at all).
+    #[arg(long, value_name = "ADDR", default_value = shaper::daemon::metrics::DEFAULT_ADDR, value_parser = metrics_addr)]
+    pub metrics: MetricsAddr,
+}
+
+/// `--metrics`: where to serve, or nowhere.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsAddr(Option<std::net::SocketAddr>);
+
+/// `--metrics`: an address and port, or `off`.
+fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| {
+        format!("`{s}` is not an address and port like 127.0.0.1:9101 or [::1]:9101 (or `off`)")
+    })
 }
 
 impl From<RunArgs> for shaper::daemon::Config {
@@ -106,6 +123,7 @@ impl From<RunArgs> for shaper::daemon::Config {
             socket: a.socket,
             pin_root: a.pin_root,
             replace: a.replace,
+            metrics: a.metrics.0,
         }
     }
 }

@@ -1012,3 +1012,115 @@ fn two_interfaces_with_different_histories_share_one_set_of_rule_ids() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(admitted(&d), 5);
 }
+
+/// GET /metrics from the daemon's default endpoint inside `ns`: the response's head
+/// and body.
+fn scrape(ns: &Netns, accept: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let raw = ns
+        .run_in(|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9101")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .expect("namespace")
+        .expect("scrape");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample whose name and labels are `series`, e.g.
+/// `shaper_syns_total{rule="pupils",outcome="admitted",interface="s0"}`.
+fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+#[test]
+fn metrics_agree_with_stats_and_pass_promtool() {
+    let bed = bed();
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    // 40 attempts in a second against 20/s, burst 10: some admitted, some dropped.
+    let src = addr("198.18.9.10");
+    let s = storm(
+        &bed.cli,
+        src,
+        Testbed::dst_for(src),
+        40,
+        Duration::from_secs(1),
+    )
+    .expect("storm");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Closing the sockets stops their retransmissions: the counters are still after.
+    drop((s, server));
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = json(&d, &["stats"]);
+    let (head, text) = scrape(&bed.srv, "text/plain");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    for o in shaper_common::Outcome::ALL {
+        let series = format!(
+            "shaper_syns_total{{rule=\"pupils\",outcome=\"{}\",interface=\"{SERVER_DEV}\"}}",
+            o.name()
+        );
+        assert_eq!(
+            sample(&text, &series),
+            stats["rules"][0][o.name()].as_u64(),
+            "{series}\n{text}"
+        );
+    }
+    assert!(
+        stats["rules"][0]["admitted"].as_u64() >= Some(10),
+        "{stats}"
+    );
+    assert!(stats["rules"][0]["dropped"].as_u64() > Some(0), "{stats}");
+    for (reason, n) in stats["global"].as_object().expect("global") {
+        let series =
+            format!("shaper_packets_total{{reason=\"{reason}\",interface=\"{SERVER_DEV}\"}}");
+        assert_eq!(sample(&text, &series), n.as_u64(), "{series}");
+    }
+    assert_eq!(sample(&text, "shaper_up"), Some(1));
+    assert_eq!(sample(&text, "shaper_policy_generation"), Some(1));
+    assert!(
+        text.contains("# TYPE shaper_wait_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shaper_map_capacity{map=\"GROUPS\""),
+        "{text}"
+    );
+    // Labels never carry addresses.
+    assert!(!text.contains("198.18."), "{text}");
+    // Every family has its help and type, and Prometheus's own checker finds nothing.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs Debian's prometheus package)");
+    {
+        use std::io::Write as _;
+        let mut stdin = check.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write");
+    }
+    let out = check.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // OpenMetrics when the scraper asks for it.
+    let (head, om) = scrape(&bed.srv, "application/openmetrics-text; version=1.0.0");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
+}

@@ -22,6 +22,8 @@ const PACKAGES: &[&str] = &[
     // The unit file's check: `systemd-analyze verify`, which asks `man` for its page.
     "systemd",
     "man-db",
+    // `promtool check metrics` on a scrape of /metrics (and the Prometheus server).
+    "prometheus",
 ];
 
 pub fn setup() -> Result<()> {

@@ -5,11 +5,12 @@
 //!
 //! One module per concern: [`state`] (what is enforced, applies and reloads), `server`
 //! (the control socket), `report` (status, stats, top, the counters in the log),
-//! `systemd` (readiness and status), `bpflog` (the program's log records). A new
-//! endpoint (say, metrics) is a module of its own here, started from [`run`] and
-//! reading [`state::State`].
+//! `systemd` (readiness and status), `bpflog` (the program's log records), `metrics`
+//! (`/metrics` for Prometheus). A new endpoint is a module of its own here, started
+//! from [`run`] and reading [`state::State`].
 
 mod bpflog;
+pub mod metrics;
 mod report;
 mod server;
 pub mod state;
@@ -52,6 +53,8 @@ pub struct Config {
     pub pin_root: PathBuf,
     /// Take an interface over from another tool's XDP program.
     pub replace: bool,
+    /// Where `/metrics` is served (none: not at all).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -133,6 +136,9 @@ pub fn run(cfg: Config) -> Result<()> {
             started: Instant::now(),
         }));
         let listener = server::listen(&cfg.socket)?;
+        if let Some(addr) = cfg.metrics {
+            metrics::start(addr, state.clone()).await?;
+        }
         notify("READY=1");
 
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
