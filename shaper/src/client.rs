@@ -27,7 +27,13 @@ pub fn call(socket: &Path, request: Request) -> Result<Response> {
         version: PROTOCOL,
         body: request,
     })?;
-    write_frame(&mut s, &body)?;
-    let reply = read_frame(&mut s).context("reading the daemon's reply")?;
+    // A daemon that refuses the request (a non-root peer) replies and closes at once,
+    // and the write may then fail: its reply is still there to read.
+    let wrote = write_frame(&mut s, &body);
+    let reply = match (wrote, read_frame(&mut s)) {
+        (_, Ok(reply)) => reply,
+        (Err(e), Err(_)) => return Err(e.context("sending the request to the daemon")),
+        (Ok(()), Err(e)) => return Err(e.context("reading the daemon's reply")),
+    };
     serde_json::from_slice(&reply).context("the daemon's reply is not a response")
 }

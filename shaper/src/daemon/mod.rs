@@ -74,6 +74,12 @@ pub fn run(cfg: Config) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        // Signal handlers before anything is announced (the socket, readiness): a
+        // SIGTERM or SIGHUP that comes as soon as the socket answers must not take the
+        // default action and kill the daemon.
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         pins::ensure_root(&cfg.pin_root)?;
         // Every interface's data plane first, then the policy into all of them at
         // once (the same rule ids everywhere), then the attachments.
@@ -134,6 +140,8 @@ pub fn run(cfg: Config) -> Result<()> {
             generation: 1,
             config: cfg.config.clone(),
             started: Instant::now(),
+            applied_at: std::time::SystemTime::now(),
+            last_reload: None,
         }));
         let listener = server::listen(&cfg.socket)?;
         if let Some(addr) = cfg.metrics {
@@ -141,9 +149,6 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         notify("READY=1");
 
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let logging = !cfg.stats_interval.is_zero();
         let mut tick = tokio::time::interval(cfg.stats_interval.max(Duration::from_secs(1)));
         let mut watch = tokio::time::interval(Duration::from_secs(1));
