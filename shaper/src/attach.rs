@@ -167,7 +167,8 @@ impl Attached {
     }
 }
 
-fn ifindex(iface: &str) -> Result<u32> {
+/// The index of interface `iface`.
+pub fn ifindex(iface: &str) -> Result<u32> {
     let c = std::ffi::CString::new(iface)?;
     // SAFETY: a valid C string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {

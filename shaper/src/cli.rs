@@ -41,7 +41,8 @@ pub enum Command {
     Stats {
         #[command(flatten)]
         client: ClientArgs,
-        /// Refresh every second until interrupted.
+        /// Refresh every second until interrupted, showing rates per second since the
+        /// last refresh (JSON: totals).
         #[arg(long)]
         watch: bool,
     },
@@ -300,26 +301,39 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             let reply = client::call(&c.socket, Request::Status)?;
             print_reply(&reply, c.output, crate::render::status)
         }
-        Command::Stats { client, watch } => loop {
-            let reply = client::call(&client.socket, Request::Stats)?;
-            if !watch {
-                return print_reply(&reply, client.output, crate::render::stats);
-            }
-            if client.output == Output::Table {
-                use std::io::IsTerminal as _;
-                if std::io::stdout().is_terminal() {
-                    // Clear the screen and go home, like watch(1).
-                    print!("\x1b[2J\x1b[H");
-                } else {
-                    // Into a pipe or a file: one table after another, no control codes.
-                    println!();
+        Command::Stats { client, watch } => {
+            let mut before: Option<(Response, std::time::Instant)> = None;
+            loop {
+                let reply = client::call(&client.socket, Request::Stats)?;
+                let now = std::time::Instant::now();
+                if !watch {
+                    return print_reply(&reply, client.output, crate::render::stats);
                 }
+                if client.output == Output::Table {
+                    use std::io::IsTerminal as _;
+                    if std::io::stdout().is_terminal() {
+                        // Clear the screen and go home, like watch(1).
+                        print!("\x1b[2J\x1b[H");
+                    } else {
+                        // Into a pipe or a file: one table after another, no control codes.
+                        println!();
+                    }
+                }
+                // The table shows rates since the last refresh (totals until there is
+                // one); JSON stays totals, for a consumer to difference.
+                let shown = match &before {
+                    Some((prev, at)) => print_reply(&reply, client.output, |r| {
+                        crate::render::stats_rates(prev, r, now.duration_since(*at).as_secs_f64())
+                    })?,
+                    None => print_reply(&reply, client.output, crate::render::stats)?,
+                };
+                if shown != ExitCode::SUCCESS {
+                    return Ok(ExitCode::FAILURE);
+                }
+                before = Some((reply, now));
+                std::thread::sleep(std::time::Duration::from_secs(1));
             }
-            if print_reply(&reply, client.output, crate::render::stats)? != ExitCode::SUCCESS {
-                return Ok(ExitCode::FAILURE);
-            }
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        },
+        }
         Command::Top { n, client } => {
             let reply = client::call(&client.socket, Request::Top { n })?;
             print_reply(&reply, client.output, crate::render::top)

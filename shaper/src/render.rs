@@ -122,6 +122,41 @@ pub fn stats(r: &Response) -> String {
     out
 }
 
+/// Per second between two `stats` replies `secs` apart, per rule and outcome, and per
+/// global reason.
+pub fn stats_rates(prev: &Response, cur: &Response, secs: f64) -> String {
+    let (Response::Stats(p), Response::Stats(c)) = (prev, cur) else {
+        return String::new();
+    };
+    let secs = secs.max(1e-3);
+    let rate = |now: u64, then: u64| format!("{:.1}", now.saturating_sub(then) as f64 / secs);
+    let mut header: Vec<String> = ["RULE", "PREFIX", "ACTION"].map(String::from).to_vec();
+    header.extend(Outcome::ALL.iter().map(|o| format!("{}/S", o.header())));
+    let mut rows = vec![header];
+    for x in &c.rules {
+        let before = p.rules.iter().find(|r| r.name == x.name);
+        let mut row = vec![x.name.clone(), x.prefix.clone(), x.action.clone()];
+        row.extend(
+            Outcome::ALL
+                .iter()
+                .map(|o| rate(x.get(*o), before.map_or(0, |b| b.get(*o)))),
+        );
+        rows.push(row);
+    }
+    let mut out = format!("per second over the last {secs:.1} s\n\n");
+    out.push_str(&render(&rows));
+    out.push_str("\n\n");
+    let mut g = vec![vec!["REASON".to_string(), "PACKETS/S".to_string()]];
+    for (k, v) in &c.global {
+        g.push(vec![
+            k.clone(),
+            rate(*v, p.global.get(k).copied().unwrap_or(0)),
+        ]);
+    }
+    out.push_str(&render(&g));
+    out
+}
+
 pub fn top(r: &Response) -> String {
     let Response::Top { groups } = r else {
         return String::new();
@@ -157,7 +192,47 @@ pub fn top(r: &Response) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::render;
+    use shaper::protocol::{Response, RuleStatsView, Stats};
+
+    use super::{render, stats_rates};
+
+    #[test]
+    fn watch_shows_rates_per_second_not_totals() {
+        let stats = |admitted: u64, dropped: u64, packets: u64| {
+            let mut r = RuleStatsView {
+                name: "pupils".into(),
+                prefix: "198.18.0.0/16".into(),
+                action: "drop".into(),
+                ..RuleStatsView::default()
+            };
+            r.outcomes.insert("admitted".into(), admitted);
+            r.outcomes.insert("dropped".into(), dropped);
+            let mut s = Stats {
+                rules: vec![r],
+                ..Stats::default()
+            };
+            s.global.insert("not_attempt".into(), packets);
+            Response::Stats(s)
+        };
+        let t = stats_rates(&stats(100, 10, 1000), &stats(140, 30, 1500), 2.0);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "per second over the last 2.0 s");
+        assert!(
+            lines[2].starts_with("RULE") && lines[2].contains("ADMITTED/S"),
+            "{t}"
+        );
+        let row: Vec<&str> = lines[3].split_whitespace().collect();
+        assert_eq!(
+            &row[..5],
+            ["pupils", "198.18.0.0/16", "drop", "20.0", "10.0"],
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.split_whitespace().eq(["not_attempt", "250.0"])),
+            "{t}"
+        );
+    }
 
     fn rows(cells: &[&[&str]]) -> Vec<Vec<String>> {
         cells

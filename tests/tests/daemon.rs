@@ -1124,3 +1124,191 @@ fn metrics_agree_with_stats_and_pass_promtool() {
     assert!(head.contains("application/openmetrics-text"), "{head}");
     assert!(om.trim_end().ends_with("# EOF"), "{om}");
 }
+
+/// A GET of `path` on 127.0.0.1:`port` inside `ns`: the body (HTTP/1.0: never chunked).
+fn http_get(ns: &Netns, port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let raw = ns
+        .run_in(|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .expect("namespace")
+        .unwrap_or_default();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// `s` percent-encoded for a URL's query.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prometheus's answer to an instant query (`data.result`), or `None` if it failed.
+fn promql(ns: &Netns, q: &str) -> Option<Vec<serde_json::Value>> {
+    let body = http_get(
+        ns,
+        9090,
+        &format!("/api/v1/query?query={}", query_escape(q)),
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (v["status"] == "success").then(|| v["data"]["result"].as_array().cloned())?
+}
+
+/// Stops the Prometheus server a test started.
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/shaper.rules.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (cargo xtask setup installs Debian's prometheus package)");
+    assert!(out.status.success(), "{out:?}");
+    let bed = bed();
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nname = \"lab\"\nprefix = \"198.18.20.0/24\"\nrate = 5\naction = \"defer\"\n"
+    );
+    let d = Daemon::start(&bed.srv, SERVER_DEV, &policy, &[]).expect("shaper run");
+    let dir = std::env::temp_dir().join(format!("{}-prometheus", bed.srv.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: shaper\n    static_configs:\n      - targets: [\"127.0.0.1:9101\"]\n",
+            rules.display()
+        ),
+    )
+    .expect("config");
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:9090")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _prometheus = Reaper(bed.srv.spawn(&mut cmd).expect("prometheus"));
+    let scrapes = || {
+        promql(&bed.srv, "count_over_time(shaper_up[1m])")
+            .and_then(|r| {
+                r.first()
+                    .and_then(|x| x["value"][1].as_str().map(str::to_string))
+            })
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    // Scraped before the storm, so that a rate sees it begin.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scrapes() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    let src = addr("198.18.9.10");
+    let s = storm(
+        &bed.cli,
+        src,
+        Testbed::dst_for(src),
+        40,
+        Duration::from_secs(2),
+    )
+    .expect("storm");
+    // Until Prometheus has scraped the storm a few times and evaluated every rule.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let healthy = loop {
+        let body = http_get(&bed.srv, 9090, "/api/v1/rules");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let rules: Vec<serde_json::Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let scrapes = scrapes();
+        let seen_storm = promql(
+            &bed.srv,
+            "shaper_syns_total{rule=\"pupils\",outcome=\"admitted\"} > 0",
+        )
+        .is_some_and(|r| !r.is_empty());
+        if rules.len() == 6
+            && rules.iter().all(|r| r["health"] == "ok")
+            && scrapes >= 6
+            && seen_storm
+        {
+            break rules;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape and evaluate in time: {rules:?} ({scrapes} scrapes)"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    drop((s, server));
+    // Every alert rule evaluated without error; none fires (the storm may make the
+    // drop-rate one pending: it waits 5 minutes), and a healthy daemon trips none of
+    // the others.
+    for r in &healthy {
+        assert_ne!(r["state"], "firing", "{r}");
+        if r["name"] != "ShaperRuleDropsMoreThanAdmits" {
+            assert_eq!(r["state"], "inactive", "{r}");
+        }
+    }
+    // The dashboard's and the alerts' building blocks answer with the series they
+    // should.
+    let admitted = promql(
+        &bed.srv,
+        "sum by (rule) (rate(shaper_syns_total{outcome=\"admitted\"}[30s]))",
+    )
+    .expect("rate");
+    assert!(
+        admitted.iter().any(|x| x["metric"]["rule"] == "pupils"
+            && x["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)),
+        "{admitted:?}"
+    );
+    for (q, labels) in [
+        (
+            "histogram_quantile(0.99, sum by (rule, le) (rate(shaper_wait_seconds_bucket[30s])))",
+            2,
+        ),
+        ("shaper_map_entries / shaper_map_capacity", 5),
+        ("shaper_rule_max_wait_seconds", 1),
+        ("shaper_attached == 1", 1),
+        ("shaper_attach_info", 1),
+        ("shaper_policy_generation", 1),
+        ("shaper_packets_total{reason=\"not_attempt\"}", 1),
+    ] {
+        let r = promql(&bed.srv, q).unwrap_or_else(|| panic!("{q} failed"));
+        assert_eq!(r.len(), labels, "{q}: {r:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(d);
+}

@@ -106,6 +106,12 @@ async fn respond(
     }
 }
 
+/// `t` as Unix seconds (0 before 1970).
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Reads the daemon's state at each scrape.
 struct Scrape(Arc<Mutex<State>>);
 
@@ -181,12 +187,53 @@ impl Collector for Scrape {
             None,
             [(vec![], ConstGauge::new(s.policy.rules.len() as i64))],
         )?;
+        family(
+            &mut e,
+            "shaper_policy_applied_timestamp_seconds",
+            "When the policy in force was applied (Unix time).",
+            None,
+            [(vec![], ConstGauge::new(unix_seconds(s.applied_at)))],
+        )?;
+        if let Some((ok, at)) = s.last_reload {
+            family(
+                &mut e,
+                "shaper_last_reload_success",
+                "1 if the last reload (SIGHUP, file change, request) was applied, 0 if it \
+                 was refused and the old policy stayed.",
+                None,
+                [(vec![], ConstGauge::new(i64::from(ok)))],
+            )?;
+            family(
+                &mut e,
+                "shaper_last_reload_timestamp_seconds",
+                "When the last reload was asked for (Unix time).",
+                None,
+                [(vec![], ConstGauge::new(unix_seconds(at)))],
+            )?;
+        }
+        family(
+            &mut e,
+            "shaper_rule_max_wait_seconds",
+            "How long a `defer` rule's clients keep their place in line.",
+            None,
+            s.policy
+                .rules
+                .iter()
+                .filter(|r| r.action == crate::policy::Action::Defer)
+                .map(|r| {
+                    (
+                        vec![("rule", r.name.as_str())],
+                        ConstGauge::new(r.max_wait.as_secs_f64()),
+                    )
+                }),
+        )?;
         // Per interface: what the data plane counted.
         let mut syns = Vec::new();
         let mut reasons = Vec::new();
         let mut waits = Vec::new();
         let mut fill = Vec::new();
         let mut attach = Vec::new();
+        let mut attached = Vec::new();
         for i in &s.ifaces {
             let iface = i.att.iface.as_str();
             let mode = i
@@ -194,6 +241,13 @@ impl Collector for Scrape {
                 .mode
                 .or_else(|| crate::attach::kernel_mode(iface))
                 .map_or("unknown".to_string(), |m| m.to_string());
+            // Whether the kernel still runs our program there (a detach by another tool
+            // shows here first).
+            let ours = crate::attach::ifindex(iface)
+                .ok()
+                .and_then(|x| crate::netlink::xdp(x).ok().flatten())
+                .is_some_and(|x| x.prog_id == i.att.prog_id);
+            attached.push((iface, i64::from(ours)));
             attach.push((iface, mode, i.att.prog_id.to_string()));
             for (pos, rule) in s.policy.rules.iter().enumerate() {
                 let Some(&id) = s.ids.get(pos) else { continue };
@@ -294,6 +348,15 @@ impl Collector for Scrape {
                     ConstGauge::new(i64::try_from(*cap).unwrap_or(i64::MAX)),
                 )
             }),
+        )?;
+        family(
+            &mut e,
+            "shaper_attached",
+            "1 while the kernel runs this daemon's program on the interface.",
+            None,
+            attached
+                .iter()
+                .map(|(iface, v)| (vec![("interface", *iface)], ConstGauge::new(*v))),
         )?;
         if !attach.is_empty() {
             let mut m = e.encode_descriptor(

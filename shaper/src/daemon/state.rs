@@ -4,7 +4,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use super::systemd::notify;
@@ -38,6 +38,10 @@ pub struct State {
     /// `policy apply` from elsewhere) triggers a reload.
     pub file_hash: String,
     pub started: Instant,
+    /// When the policy in force was applied (at start, or by the last apply or reload).
+    pub applied_at: SystemTime,
+    /// The last reload (SIGHUP, file change, request): whether it was applied, and when.
+    pub last_reload: Option<(bool, SystemTime)>,
 }
 
 impl State {
@@ -67,6 +71,7 @@ impl State {
         self.source = text.to_string();
         self.hash = protocol::policy_hash(text);
         self.generation += 1;
+        self.applied_at = SystemTime::now();
         Ok((self.generation, self.hash.clone()))
     }
 
@@ -84,7 +89,11 @@ impl State {
 pub fn reload(state: &Arc<Mutex<State>>, why: &str) -> Result<(u64, String), String> {
     notify("RELOADING=1");
     let result = match state.lock() {
-        Ok(mut s) => reload_locked(&mut s).map_err(|e| e.to_string()),
+        Ok(mut s) => {
+            let r = reload_locked(&mut s).map_err(|e| e.to_string());
+            s.last_reload = Some((r.is_ok(), SystemTime::now()));
+            r
+        }
         Err(_) => Err("internal error: state lock poisoned".to_string()),
     };
     match &result {
