@@ -192,11 +192,21 @@ fn foreign_program(ifindex: u32) -> String {
 }
 
 fn remove_foreign(iface: &str, ifindex: u32) {
-    // Attached through a link (another tool holding it): detach the link.
-    match bpfsys::detach_xdp_links(ifindex) {
-        Ok(n) if n > 0 => return,
-        Ok(_) => {}
-        Err(e) => tracing::warn!(iface, error = %e, "detaching another tool's XDP link"),
+    // Attached through a link (another tool holding it): detach the link. Links are
+    // found by id across the whole host and say only their ifindex, which every network
+    // namespace numbers on its own: the link must also run the program this
+    // namespace's interface reports, or another namespace's interface would lose its
+    // program.
+    let prog_id = netlink::xdp(ifindex)
+        .ok()
+        .flatten()
+        .map_or(0, |x| x.prog_id);
+    if prog_id != 0 {
+        match bpfsys::detach_xdp_links(ifindex, prog_id) {
+            Ok(n) if n > 0 => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(iface, error = %e, "detaching another tool's XDP link"),
+        }
     }
     // Attached through netlink: switch it off.
     netlink::detach(ifindex);

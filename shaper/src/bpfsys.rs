@@ -145,10 +145,12 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 /// `enum bpf_link_type`: BPF_LINK_TYPE_XDP.
 const BPF_LINK_TYPE_XDP: u32 = 6;
 
-/// Detach every XDP link on `ifindex` (another tool's, for `--replace`): the kernel
-/// keeps a link as long as its owner holds it, so it must be detached, not closed.
-/// Returns how many were detached.
-pub fn detach_xdp_links(ifindex: u32) -> io::Result<usize> {
+/// Detach the XDP links on `ifindex` that run program `prog_id` (another tool's, for
+/// `--replace`): the kernel keeps a link as long as its owner holds it, so it must be
+/// detached, not closed. An ifindex alone names an interface only within one network
+/// namespace, and the link's info does not say which: the program id narrows it to
+/// the one attached here. Returns how many were detached.
+pub fn detach_xdp_links(ifindex: u32, prog_id: u32) -> io::Result<usize> {
     let mut id = 0u32;
     let mut n = 0;
     // Bounded: link ids are finite; stop after a generous number of them.
@@ -175,8 +177,9 @@ pub fn detach_xdp_links(ifindex: u32) -> io::Result<usize> {
             continue;
         }
         let ty = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        let prog = u32::from_ne_bytes([info[8], info[9], info[10], info[11]]);
         let ifi = u32::from_ne_bytes([info[16], info[17], info[18], info[19]]);
-        if ty == BPF_LINK_TYPE_XDP && ifi == ifindex {
+        if ty == BPF_LINK_TYPE_XDP && ifi == ifindex && prog == prog_id {
             let mut d = Attr::new();
             d.u32_at(0, fd.as_raw_fd() as u32);
             bpf(BPF_LINK_DETACH, &mut d)?;

@@ -210,10 +210,10 @@ fn sigterm_leaves_the_program_attached_and_detach_removes_it() {
     assert!(!again.status.success());
 }
 
-#[test]
-fn another_tools_program_is_refused_unless_replace() {
-    let bed = bed();
-    // Attach the object's bare baseline program with netlink, as another tool would.
+/// The object's bare baseline program attached to the server's interface in `ns`,
+/// as another tool would attach its own (through a link this process holds: keep the
+/// returned value alive).
+fn another_tools_program(ns: &Netns) -> shaper::dataplane::Dataplane {
     let mut other = shaper::dataplane::Dataplane::load().expect("load");
     let prog: &mut aya::programs::Xdp = other
         .ebpf
@@ -222,10 +222,16 @@ fn another_tools_program_is_refused_unless_replace() {
         .try_into()
         .expect("xdp");
     prog.load().expect("load baseline");
-    bed.srv
-        .run_in(|| prog.attach(SERVER_DEV, aya::programs::XdpMode::Skb))
+    ns.run_in(|| prog.attach(SERVER_DEV, aya::programs::XdpMode::Skb))
         .expect("ns")
         .expect("attach the other program");
+    other
+}
+
+#[test]
+fn another_tools_program_is_refused_unless_replace() {
+    let bed = bed();
+    let _other = another_tools_program(&bed.srv);
     let err = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[])
         .err()
         .expect("must refuse");
@@ -811,7 +817,11 @@ fn a_hundred_applies_under_a_storm_never_mix_generations() {
         json(&d, &["status"])["generation"]
     );
     assert_eq!(g["dropped"], 0, "a packet saw a mix of two generations");
-    assert!(passed >= applied.1 as u64, "every attempt passed");
+    assert!(
+        passed >= applied.1 as u64,
+        "every attempt passed ({} attempts): {g}",
+        applied.1
+    );
     let accepted = server
         .accepted()
         .iter()
@@ -1311,4 +1321,35 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     drop(d);
+}
+
+#[test]
+fn replace_takes_over_only_its_own_namespaces_interface() {
+    // Two testbeds: their server interfaces have the same ifindex, each in its own
+    // network namespace (ifindexes are per namespace).
+    let (a, b) = (bed(), bed());
+    let index = |bed: &Testbed| {
+        bed.srv
+            .run_in(|| shaper::attach::ifindex(SERVER_DEV).expect("ifindex"))
+            .expect("ns")
+    };
+    assert_eq!(
+        index(&a),
+        index(&b),
+        "the test needs the same ifindex in both"
+    );
+    let da = Daemon::start(&a.srv, SERVER_DEV, POLICY, &[]).expect("shaper run in A");
+    let prog_a = attached_prog_id(&a.srv);
+    // B's interface has another tool's program.
+    let _other = another_tools_program(&b.srv);
+    let db = Daemon::start(&b.srv, SERVER_DEV, POLICY, &["--replace"]).expect("--replace");
+    // B took its own interface over; A's program is still the one on A's.
+    assert_eq!(xdp_programs(&b.srv), 1);
+    assert_eq!(
+        attached_prog_id(&b.srv),
+        json(&db, &["status"])["interfaces"][0]["prog_id"].as_u64()
+    );
+    assert!(prog_a.is_some());
+    assert_eq!(attached_prog_id(&a.srv), prog_a, "A's program was detached");
+    drop((da, db));
 }
