@@ -1283,6 +1283,41 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
         std::thread::sleep(Duration::from_millis(500));
     };
     drop((s, server));
+    // A reload, so that its series exist too (the dashboard shows the last one).
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while promql(&bed.srv, "shaper_last_reload_success == 1").is_none_or(|r| r.is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "the reload never showed in Prometheus"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every query of the Grafana dashboard answers, with series.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/shaper.json"),
+        )
+        .expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    for e in &exprs {
+        let q = e
+            .replace("$instance", ".*")
+            .replace("$rule", ".*")
+            .replace("$__rate_interval", "30s");
+        let r = promql(&bed.srv, &q).unwrap_or_else(|| panic!("the dashboard's {q} failed"));
+        assert!(!r.is_empty(), "the dashboard's {q} has no series");
+    }
     // Every alert rule evaluated without error; none fires (the storm may make the
     // drop-rate one pending: it waits 5 minutes), and a healthy daemon trips none of
     // the others.
