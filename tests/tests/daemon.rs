@@ -1133,6 +1133,20 @@ fn metrics_agree_with_stats_and_pass_promtool() {
     let (head, om) = scrape(&bed.srv, "application/openmetrics-text; version=1.0.0");
     assert!(head.contains("application/openmetrics-text"), "{head}");
     assert!(om.trim_end().ends_with("# EOF"), "{om}");
+    // A rule that goes takes its series with it.
+    let file = d.config.parent().expect("dir").join("renamed.toml");
+    std::fs::write(&file, POLICY.replace("\"pupils\"", "\"students\"")).expect("write");
+    let out = shaper(&[
+        "policy",
+        "apply",
+        &file.display().to_string(),
+        "--socket",
+        &sock(&d),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let (_, text) = scrape(&bed.srv, "text/plain");
+    assert!(!text.contains("rule=\"pupils\""), "{text}");
+    assert!(text.contains("rule=\"students\""), "{text}");
 }
 
 /// A GET of `path` on 127.0.0.1:`port` inside `ns`: the body (HTTP/1.0: never chunked).
