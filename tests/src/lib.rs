@@ -4,6 +4,7 @@
 
 pub mod crowd;
 pub mod flood;
+pub mod http;
 pub mod netns;
 pub mod packets;
 pub mod progrun;

@@ -25,7 +25,8 @@ enum Task {
     /// Set up, build, run the host tests and the privileged (BPF, netns) tests.
     Test,
     /// Benchmarks: `prog` (ns per packet under BPF_PROG_TEST_RUN, against a bare
-    /// program), `storm` (the waiting line's sweep of real-client storms, ~15 min).
+    /// program), `storm` (the waiting line's sweep of real-client storms, ~17 min),
+    /// `scrape` (`/metrics` time and size at 10 to 4,095 rules).
     Bench {
         #[arg(default_value = "prog")]
         which: String,

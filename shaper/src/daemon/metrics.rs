@@ -257,7 +257,10 @@ impl Collector for Scrape {
                 for o in Outcome::ALL {
                     syns.push((rule.name.as_str(), o.name(), iface, c.get(o)));
                 }
-                waits.push((rule.name.as_str(), iface, c));
+                // Only a `defer` rule's clients wait (eight buckets a rule otherwise).
+                if rule.action == crate::policy::Action::Defer {
+                    waits.push((rule.name.as_str(), iface, c));
+                }
             }
             if let Ok(g) = i.dp.global_counters() {
                 for (r, n) in Reason::ALL.iter().zip(g) {

@@ -1,6 +1,9 @@
 //! `cargo xtask bench prog`: ns per packet of the real program under BPF_PROG_TEST_RUN,
 //! against a bare XDP_PASS program measured in the same run.
 //!
+//! `cargo xtask bench scrape [--quick]`: `/metrics` of a real daemon at 10, 1,000 and
+//! 4,095 rules, scrape time and size.
+//!
 //! `cargo xtask bench storm [--quick]`: the line's sweep (`shaper_tests::sweep`), real
 //! kernel clients of four stacks through `drop` and `defer`, with and without a spoofed
 //! flood; prints the table and each point's misses, and writes the figures as JSON to
@@ -137,8 +140,55 @@ fn main() -> Result<()> {
                 });
             storm(args.iter().any(|a| a == "--quick"), only)
         }
-        _ => bail!("unknown benchmark `{which}` (available: prog, storm)"),
+        "scrape" => scrape(std::env::args().skip(2).any(|a| a == "--quick")),
+        _ => bail!("unknown benchmark `{which}` (available: prog, storm, scrape)"),
     }
+}
+
+/// `/metrics` of a real daemon in a testbed at 10, 1,000 and 4,095 rules (the data
+/// plane holds 4,096 today): how long a scrape takes (the collector reads every rule's
+/// per-CPU counters then) and how big it is. `--quick`: 10 rules, a few scrapes.
+fn scrape(quick: bool) -> Result<()> {
+    use shaper_tests::{
+        netns::Daemon,
+        testbed::{SERVER_DEV, Testbed},
+    };
+    let sizes: &[usize] = if quick { &[10] } else { &[10, 1_000, 4_094] };
+    let rounds = if quick { 3 } else { 21 };
+    println!("| rules | scrape, median of {rounds} | fastest | size | size per rule |");
+    println!("|---:|---:|---:|---:|---:|");
+    for &n in sizes {
+        let bed = Testbed::new(&[])?;
+        let mut policy: String = (0..n)
+            .map(|i| {
+                format!(
+                    "[[rule]]\nname = \"r{i}\"\nprefix = \"10.{}.{}.0/24\"\nrate = 1\n",
+                    i / 256,
+                    i % 256
+                )
+            })
+            .collect();
+        policy.push_str("[[rule]]\nname = \"v6\"\nprefix = \"::/0\"\nrate = 100\n");
+        let _daemon = Daemon::start(&bed.srv, SERVER_DEV, &policy, &[])?;
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..rounds {
+            let t = std::time::Instant::now();
+            let (_, body) = shaper_tests::http::get(&bed.srv, 9101, "/metrics", "text/plain")?;
+            times.push(t.elapsed());
+            size = body.len();
+        }
+        times.sort();
+        let rules = n + 1;
+        println!(
+            "| {rules} | {:.1} ms | {:.1} ms | {:.0} KiB | {} B |",
+            times[times.len() / 2].as_secs_f64() * 1e3,
+            times[0].as_secs_f64() * 1e3,
+            size as f64 / 1024.0,
+            size / rules
+        );
+    }
+    Ok(())
 }
 
 /// The line's sweep. `--quick`: three points, one storm each, no flood: it runs every
