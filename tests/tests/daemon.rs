@@ -1037,21 +1037,21 @@ fn sample(text: &str, series: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// A server, and 40 attempts a second for `dur` from one pupil (198.18.9.10): more than
+/// `POLICY` lets through.
+fn pupils_storm(bed: &Testbed, dur: Duration) -> (Server, shaper_tests::tcp::Storm) {
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    let src = addr("198.18.9.10");
+    let s = storm(&bed.cli, src, Testbed::dst_for(src), 40, dur).expect("storm");
+    (server, s)
+}
+
 #[test]
 fn metrics_agree_with_stats_and_pass_promtool() {
     let bed = bed();
     let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
-    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
     // 40 attempts in a second against 20/s, burst 10: some admitted, some dropped.
-    let src = addr("198.18.9.10");
-    let s = storm(
-        &bed.cli,
-        src,
-        Testbed::dst_for(src),
-        40,
-        Duration::from_secs(1),
-    )
-    .expect("storm");
+    let (server, s) = pupils_storm(&bed, Duration::from_secs(1));
     std::thread::sleep(Duration::from_millis(1500));
     // Closing the sockets stops their retransmissions: the counters are still after.
     drop((s, server));
@@ -1224,16 +1224,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
-    let src = addr("198.18.9.10");
-    let s = storm(
-        &bed.cli,
-        src,
-        Testbed::dst_for(src),
-        40,
-        Duration::from_secs(2),
-    )
-    .expect("storm");
+    let (server, s) = pupils_storm(&bed, Duration::from_secs(2));
     // Until Prometheus has scraped the storm a few times and evaluated every rule.
     let deadline = Instant::now() + Duration::from_secs(60);
     let healthy = loop {
