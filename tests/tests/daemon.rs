@@ -1361,3 +1361,68 @@ fn replace_takes_over_only_its_own_namespaces_interface() {
     assert_eq!(attached_prog_id(&a.srv), prog_a, "A's program was detached");
     drop((da, db));
 }
+
+/// Removes a pinned object when dropped.
+struct PinnedFile(std::path::PathBuf);
+
+impl Drop for PinnedFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+#[test]
+fn replace_switches_off_a_program_another_tool_attached_through_netlink() {
+    let bed = bed();
+    // Another tool's program, attached the old way (netlink, no link): iproute2 loads
+    // it from a pin.
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/shaper-test-{}-other", bed.srv.name));
+    shaper::pins::ensure_root(&dir).expect("bpffs");
+    let pin = PinnedFile(dir.join("prog"));
+    let mut other = shaper::dataplane::Dataplane::load().expect("load");
+    let prog: &mut aya::programs::Xdp = other
+        .ebpf
+        .program_mut(shaper_common::maps::BASELINE_PROGRAM_NAME)
+        .expect("baseline")
+        .try_into()
+        .expect("xdp");
+    prog.load().expect("load baseline");
+    prog.pin(&pin.0).expect("pin");
+    // nsenter, not `ip -n`: that one remounts /sys, and the pin is on the host's bpffs.
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", bed.srv.path().display()))
+        .args([
+            "ip",
+            "link",
+            "set",
+            "dev",
+            SERVER_DEV,
+            "xdpgeneric",
+            "pinned",
+        ])
+        .arg(&pin.0)
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "ip link set xdpgeneric pinned: {out:?}"
+    );
+    let other_id = attached_prog_id(&bed.srv);
+    assert!(other_id.is_some(), "{}", ip_link(&bed.srv));
+    let err = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[])
+        .err()
+        .expect("must refuse");
+    let msg = format!("{err:#}");
+    let id = other_id.unwrap_or_default();
+    assert!(msg.contains(&format!("program id {id}")), "{msg}");
+    // --replace switches it off over netlink and attaches shaper's own.
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &["--replace"]).expect("--replace");
+    assert_eq!(xdp_programs(&bed.srv), 1, "{}", ip_link(&bed.srv));
+    assert_eq!(
+        attached_prog_id(&bed.srv),
+        json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64()
+    );
+}
