@@ -210,18 +210,24 @@ fn sigterm_leaves_the_program_attached_and_detach_removes_it() {
     assert!(!again.status.success());
 }
 
-/// The object's bare baseline program attached to the server's interface in `ns`,
-/// as another tool would attach its own (through a link this process holds: keep the
-/// returned value alive).
-fn another_tools_program(ns: &Netns) -> shaper::dataplane::Dataplane {
-    let mut other = shaper::dataplane::Dataplane::load().expect("load");
-    let prog: &mut aya::programs::Xdp = other
+/// The object's bare baseline program (another tool's, in these tests), loaded.
+fn baseline(dp: &mut shaper::dataplane::Dataplane) -> &mut aya::programs::Xdp {
+    let prog: &mut aya::programs::Xdp = dp
         .ebpf
         .program_mut(shaper_common::maps::BASELINE_PROGRAM_NAME)
         .expect("baseline")
         .try_into()
         .expect("xdp");
     prog.load().expect("load baseline");
+    prog
+}
+
+/// The object's bare baseline program attached to the server's interface in `ns`,
+/// as another tool would attach its own (through a link this process holds: keep the
+/// returned value alive).
+fn another_tools_program(ns: &Netns) -> shaper::dataplane::Dataplane {
+    let mut other = shaper::dataplane::Dataplane::load().expect("load");
+    let prog = baseline(&mut other);
     ns.run_in(|| prog.attach(SERVER_DEV, aya::programs::XdpMode::Skb))
         .expect("ns")
         .expect("attach the other program");
@@ -1383,14 +1389,7 @@ fn replace_switches_off_a_program_another_tool_attached_through_netlink() {
     shaper::pins::ensure_root(&dir).expect("bpffs");
     let pin = PinnedFile(dir.join("prog"));
     let mut other = shaper::dataplane::Dataplane::load().expect("load");
-    let prog: &mut aya::programs::Xdp = other
-        .ebpf
-        .program_mut(shaper_common::maps::BASELINE_PROGRAM_NAME)
-        .expect("baseline")
-        .try_into()
-        .expect("xdp");
-    prog.load().expect("load baseline");
-    prog.pin(&pin.0).expect("pin");
+    baseline(&mut other).pin(&pin.0).expect("pin");
     // nsenter, not `ip -n`: that one remounts /sys, and the pin is on the host's bpffs.
     let out = Command::new("nsenter")
         .arg(format!("--net={}", bed.srv.path().display()))
