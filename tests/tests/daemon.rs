@@ -959,6 +959,10 @@ struct PinGuard(std::path::PathBuf);
 impl Drop for PinGuard {
     fn drop(&mut self) {
         let _ = shaper::pins::remove(&self.0);
+        // The pin root too, once the daemon's own interface has left it.
+        if let Some(root) = self.0.parent() {
+            let _ = std::fs::remove_dir(root);
+        }
     }
 }
 
