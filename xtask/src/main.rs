@@ -35,6 +35,9 @@ enum Task {
         /// Every scenario briefly (a smoke run: it judges no figure).
         #[arg(long)]
         quick: bool,
+        /// `storm`: only these points, LOAD:BURST[,…] (e.g. `3:5,6:20`).
+        #[arg(long, value_name = "POINTS")]
+        only: Option<String>,
     },
     /// An 8 a.m. storm in a network-namespace testbed, with live counters (root).
     Demo,
@@ -53,6 +56,7 @@ fn main() -> Result<()> {
             which,
             cases,
             quick,
+            only,
         } => {
             setup::setup()?;
             // The storms run the release daemon and the crowd helper.
@@ -72,6 +76,9 @@ fn main() -> Result<()> {
             args.extend(cases.as_deref());
             if quick {
                 args.push("--quick");
+            }
+            if let Some(points) = only.as_deref() {
+                args.extend(["--only", points]);
             }
             cargo_env(&args, &[("SHAPER_BIN", &bin.to_string_lossy())])
         }
