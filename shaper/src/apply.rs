@@ -147,9 +147,15 @@ pub fn apply(targets: &mut [Target<'_>], policy: &Policy) -> Result<Vec<u32>, Ap
     // Packets that read the old generation finish within microseconds; give them a
     // wide margin before its entries go.
     std::thread::sleep(Duration::from_millis(20));
-    let pairs: Vec<(u32, u64)> = ids.iter().copied().zip(hashes.iter().copied()).collect();
-    for (t, s) in targets.iter_mut().zip(&staged) {
-        t.dp.retire(s, &pairs).map_err(write(t))?;
+    for ((t, s), had) in targets.iter_mut().zip(&staged).zip(&current) {
+        // The rule each id serves from now on (0: none).
+        let mut want = vec![0u64; had.len()];
+        for (id, h) in ids.iter().zip(&hashes) {
+            if let Some(w) = want.get_mut(*id as usize) {
+                *w = *h;
+            }
+        }
+        t.dp.retire(s, had, &want).map_err(write(t))?;
     }
     Ok(ids)
 }

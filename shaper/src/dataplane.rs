@@ -293,18 +293,19 @@ impl Dataplane {
     }
 
     /// The last step, once packets that read the old generation are done: remove its
-    /// entries, and record which rule (by definition hash) each id now serves.
-    pub fn retire(&mut self, staged: &Staged, ids: &[(u32, u64)]) -> Result<()> {
+    /// entries, and record which rule (by definition hash) each id now serves: `want`,
+    /// per id, where the table held `had` (as [`Dataplane::rule_hashes`] read it
+    /// before the apply; staging does not change it). Only the ids that change are
+    /// written.
+    pub fn retire(&mut self, staged: &Staged, had: &[u64], want: &[u64]) -> Result<()> {
         let old = staged.active;
         write_generation::<PrefixV4>(&mut self.ebpf, MAP_RULES_V4, old, &[])?;
         write_generation::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, old, &[])?;
         self.port_bits(|_, v| v & !(1 << old))?;
-        let current = self.rule_hashes()?;
         let mut table: Array<&mut MapData, u64> = self.map_mut(MAP_RULE_IDS)?;
-        for (id, have) in (0u32..).zip(current) {
-            let want = ids.iter().find(|(i, _)| *i == id).map_or(0, |(_, h)| *h);
+        for ((id, have), want) in (0u32..).zip(had).zip(want) {
             if have != want {
-                table.set(id, want, 0)?;
+                table.set(id, *want, 0)?;
             }
         }
         Ok(())
