@@ -236,17 +236,17 @@ impl Collector for Scrape {
         let mut attached = Vec::new();
         for i in &s.ifaces {
             let iface = i.att.iface.as_str();
+            // What the kernel runs there now (one netlink request): whether it is still
+            // our program (a detach by another tool shows here first), and its mode.
+            let kernel = crate::attach::ifindex(iface)
+                .ok()
+                .and_then(|x| crate::netlink::xdp(x).ok().flatten());
+            let ours = kernel.is_some_and(|x| x.prog_id == i.att.prog_id);
             let mode = i
                 .att
                 .mode
-                .or_else(|| crate::attach::kernel_mode(iface))
+                .or(kernel.and_then(|x| x.mode))
                 .map_or("unknown".to_string(), |m| m.to_string());
-            // Whether the kernel still runs our program there (a detach by another tool
-            // shows here first).
-            let ours = crate::attach::ifindex(iface)
-                .ok()
-                .and_then(|x| crate::netlink::xdp(x).ok().flatten())
-                .is_some_and(|x| x.prog_id == i.att.prog_id);
             attached.push((iface, i64::from(ours)));
             attach.push((iface, mode, i.att.prog_id.to_string()));
             for (pos, rule) in s.policy.rules.iter().enumerate() {
