@@ -1,6 +1,6 @@
 //! Human output of `shaper status`, `stats` and `top`: plain aligned tables.
 
-use shaper::protocol::Response;
+use shaper::protocol::{Response, RuleStatsView, Stats};
 use shaper_common::Outcome;
 
 /// Align `rows` (the first is the header) in columns, numbers right-aligned.
@@ -104,22 +104,7 @@ pub fn stats(r: &Response) -> String {
     let Response::Stats(s) = r else {
         return String::new();
     };
-    let mut header: Vec<String> = ["RULE", "PREFIX", "ACTION"].map(String::from).to_vec();
-    header.extend(Outcome::ALL.iter().map(|o| o.header().to_string()));
-    let mut rows = vec![header];
-    for x in &s.rules {
-        let mut row = vec![x.name.clone(), x.prefix.clone(), x.action.clone()];
-        row.extend(Outcome::ALL.iter().map(|o| x.get(*o).to_string()));
-        rows.push(row);
-    }
-    let mut out = render(&rows);
-    out.push_str("\n\n");
-    let mut g = vec![vec!["REASON".to_string(), "PACKETS".to_string()]];
-    for (k, v) in &s.global {
-        g.push(vec![k.clone(), v.to_string()]);
-    }
-    out.push_str(&render(&g));
-    out
+    stats_tables(s, "", |x, o| x.get(o).to_string(), |_, n| n.to_string())
 }
 
 /// Per second between two `stats` replies `secs` apart, per rule and outcome, and per
@@ -130,28 +115,43 @@ pub fn stats_rates(prev: &Response, cur: &Response, secs: f64) -> String {
     };
     let secs = secs.max(1e-3);
     let rate = |now: u64, then: u64| format!("{:.1}", now.saturating_sub(then) as f64 / secs);
+    let tables = stats_tables(
+        c,
+        "/S",
+        |x, o| {
+            let before = p.rules.iter().find(|r| r.name == x.name);
+            rate(x.get(o), before.map_or(0, |b| b.get(o)))
+        },
+        |reason, n| rate(n, p.global.get(reason).copied().unwrap_or(0)),
+    );
+    format!("per second over the last {secs:.1} s\n\n{tables}")
+}
+
+/// The rules table (a column per outcome) and the reasons table of `stats`, each cell
+/// from `rule_cell` or `reason_cell`; `suffix` ends the figures' column headers.
+fn stats_tables(
+    s: &Stats,
+    suffix: &str,
+    rule_cell: impl Fn(&RuleStatsView, Outcome) -> String,
+    reason_cell: impl Fn(&str, u64) -> String,
+) -> String {
     let mut header: Vec<String> = ["RULE", "PREFIX", "ACTION"].map(String::from).to_vec();
-    header.extend(Outcome::ALL.iter().map(|o| format!("{}/S", o.header())));
+    header.extend(
+        Outcome::ALL
+            .iter()
+            .map(|o| format!("{}{suffix}", o.header())),
+    );
     let mut rows = vec![header];
-    for x in &c.rules {
-        let before = p.rules.iter().find(|r| r.name == x.name);
+    for x in &s.rules {
         let mut row = vec![x.name.clone(), x.prefix.clone(), x.action.clone()];
-        row.extend(
-            Outcome::ALL
-                .iter()
-                .map(|o| rate(x.get(*o), before.map_or(0, |b| b.get(*o)))),
-        );
+        row.extend(Outcome::ALL.iter().map(|o| rule_cell(x, *o)));
         rows.push(row);
     }
-    let mut out = format!("per second over the last {secs:.1} s\n\n");
-    out.push_str(&render(&rows));
+    let mut out = render(&rows);
     out.push_str("\n\n");
-    let mut g = vec![vec!["REASON".to_string(), "PACKETS/S".to_string()]];
-    for (k, v) in &c.global {
-        g.push(vec![
-            k.clone(),
-            rate(*v, p.global.get(k).copied().unwrap_or(0)),
-        ]);
+    let mut g = vec![vec!["REASON".to_string(), format!("PACKETS{suffix}")]];
+    for (k, v) in &s.global {
+        g.push(vec![k.clone(), reason_cell(k, *v)]);
     }
     out.push_str(&render(&g));
     out
