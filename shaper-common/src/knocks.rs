@@ -12,8 +12,9 @@
 //!
 //! So the gaps are one second for a while (up to five of them), or three seconds then
 //! six (Windows), or they double. From a client's knocks so far the line tells which,
-//! and predicts its next knock: the time it comes at the earliest (timers only ever
-//! fire late), and whether it is the client's last. After a first gap of one second
+//! and predicts its next knock: the time it typically comes (the nominal gap plus how
+//! late the kernel's timers typically fire after a gap that long, [`typical_late_ns`]),
+//! and whether it is the client's last. After a first gap of one second
 //! the stack is not known yet: the next gap is one second (Linux 6.x, macOS) or two
 //! (older Linux). Both knock two seconds later (the linear ones once more in between),
 //! so that is the prediction (the line takes an expected knock back whenever the
@@ -32,6 +33,31 @@ const SLOW_FIRST_NS: u64 = 2_500_000_000;
 const LINEAR_GAPS: u8 = 5;
 /// After a gap of about 32 s, no stack knocks again (Linux gives up 64 s later).
 const LAST_GAP_NS: u64 = 24 * S;
+
+/// How late a retransmission timer of `gap_ns` typically fires, in ns. The timer
+/// wheel rounds an expiry up to a granularity that grows with the timeout (Linux,
+/// HZ=250: 32 ms up to about 2 s, 256 ms up to about 16 s, 2 s beyond), and a
+/// retransmission's gap also loses the lateness of the knock before it. These are the
+/// median lateness per gap measured in end-to-end storms of real kernel clients.
+/// Predicting the typical time rather than the earliest matters with a small burst:
+/// the budget overflows within a fraction of a second, and a client expected at its
+/// earliest time but coming 200 ms later would hold back a token that overflows
+/// before it arrives.
+#[inline(always)]
+pub const fn typical_late_ns(gap_ns: u64) -> u64 {
+    const MS: u64 = 1_000_000;
+    if gap_ns < 5 * S / 2 {
+        15 * MS
+    } else if gap_ns < 11 * S / 2 {
+        100 * MS
+    } else if gap_ns < 31 * S / 2 {
+        220 * MS
+    } else if gap_ns < 63 * S / 2 {
+        50 * MS
+    } else {
+        800 * MS
+    }
+}
 
 /// What the stack looks like so far.
 pub mod kind {
@@ -67,8 +93,8 @@ const _: () = assert!(size_of::<Knocks>() == 16);
 /// The next knock a client is expected to make.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Next {
-    /// When it comes at the earliest (monotonic ns); 0: not predicted (the stack is
-    /// not known yet, or the latest knock was the last).
+    /// When it typically comes (monotonic ns); 0: not predicted (the latest knock was
+    /// the last).
     pub at: u64,
     /// Whether that knock will be the client's last.
     pub last: bool,
@@ -163,12 +189,14 @@ impl Knocks {
     pub const fn next(&self) -> Next {
         let last = self.last_ns();
         match self.kind {
+            // Twice the first gap as measured: that already holds twice its
+            // lateness, about what a gap of twice the length is typically late by.
             kind::SLOW => Next {
                 at: last.saturating_add((self.gap_ms as u64 * 1_000_000).saturating_mul(2)),
                 last: true,
             },
             kind::UNKNOWN => Next {
-                at: last.saturating_add(2 * S),
+                at: last.saturating_add(2 * S + typical_late_ns(2 * S)),
                 last: false,
             },
             kind::SLOW_DONE => Next { at: 0, last: false },
@@ -178,7 +206,7 @@ impl Knocks {
                     Next { at: 0, last: false }
                 } else {
                     Next {
-                        at: last.saturating_add(g),
+                        at: last.saturating_add(g + typical_late_ns(g)),
                         last: g >= LAST_GAP_NS,
                     }
                 }

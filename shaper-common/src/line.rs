@@ -270,12 +270,12 @@ impl<const N: usize> Ring<'_, N> {
     }
 
     /// Empty the slot of a knock expected at `at` of a client first seen at
-    /// `first_seen_ns` if it holds just that; `false` if the ring does not reach `at`.
+    /// `first_seen_ns` if it holds just that.
     #[inline(always)]
-    fn forget(&mut self, at: u64, first_seen_ns: u64) -> bool {
+    fn forget(&mut self, at: u64, first_seen_ns: u64) {
         let slot = at >> self.shift;
         if slot < *self.base || slot - *self.base >= N as u64 {
-            return false;
+            return;
         }
         let e = entry(first_seen_ns, at, self.shift);
         if let Some(s) = self.slots.get_mut((slot as usize) & (N - 1))
@@ -283,7 +283,6 @@ impl<const N: usize> Ring<'_, N> {
         {
             *s = 0;
         }
-        true
     }
 
     /// Is a client older than `first_seen_ns` expected to knock in (`now`, `until`]?
@@ -352,16 +351,17 @@ impl Calendar {
 
     /// Take back the knock expected at `at` from a client first seen at
     /// `first_seen_ns`, if its slot still holds it (a call of its own in the XDP
-    /// program).
+    /// program). Both rings are looked at: a knock expected far ahead went into the
+    /// far ring, and a client often knocks before its typical time, when the near
+    /// ring reaches that time too.
     #[cfg_attr(target_arch = "bpf", inline(never))]
     #[cfg_attr(not(target_arch = "bpf"), inline(always))]
     pub fn forget<R: Repeat>(&mut self, now: u64, at: u64, first_seen_ns: u64) {
         let (mut near, mut far) = self.rings();
         near.advance::<R>(now);
         far.advance::<R>(now);
-        if !near.forget(at, first_seen_ns) {
-            far.forget(at, first_seen_ns);
-        }
+        near.forget(at, first_seen_ns);
+        far.forget(at, first_seen_ns);
     }
 
     /// Is a client older than one first seen at `first_seen_ns` expected to knock

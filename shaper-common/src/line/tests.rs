@@ -592,7 +592,7 @@ fn replayed_storms_sweep() {
 
 /// The line's rule with perfect knowledge, as a bound for the data plane's: every
 /// client's stack known from its first SYN, every waiting client's next knock predicted
-/// from its last one (timers only fire late), every older client looked at (no
+/// from its last one (at its typical lateness), every older client looked at (no
 /// calendar slots), no proof asked. A knock takes the budget unless an older client is
 /// expected to knock before the budget would overflow. Returns the rank correlation
 /// (clients of stacks that knock more than three times) and how many of each stack
@@ -625,7 +625,8 @@ fn perfect_line(s: &Storm) -> (f64, [usize; 4]) {
                 let (offsets, _) = Stack::ALL[c.stacks[j]].schedule();
                 match last[j] {
                     Some((seen, k)) if !admitted.contains_key(&(j as u64)) && k < offsets.len() => {
-                        let next = seen + (offsets[k] - offsets[k - 1]) * S;
+                        let gap = (offsets[k] - offsets[k - 1]) * S;
+                        let next = seen + gap + crate::knocks::typical_late_ns(gap);
                         next > t && next <= until && next < c.give_up[j]
                     }
                     _ => false,
