@@ -245,8 +245,35 @@ pub struct GroupState {
     /// `rule_id`: a probe hit in that epoch needs no rule lookup. 0: never.
     pub epoch: u32,
     pub line: crate::line::LineState,
+    /// The group's SYNs by what became of them, for `shaper top`'s rates. Shared by all
+    /// CPUs and counted without atomics: two CPUs counting at once can lose one.
+    pub counts: GroupCounts,
 }
-const _: () = assert!(size_of::<GroupState>() == 40);
+const _: () = assert!(size_of::<GroupState>() == 56);
+
+/// A group's SYNs so far (wrapping): admitted (with or without waiting), dropped
+/// (or would have been, in `monitor`), deferred (a `defer` line's drops).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCounts {
+    pub admitted: u32,
+    pub dropped: u32,
+    pub deferred: u32,
+    pub _pad: u32,
+}
+
+impl GroupCounts {
+    /// The counter an outcome goes to (none for `protected`, which has no group).
+    pub const fn index(outcome: crate::Outcome) -> Option<usize> {
+        use crate::Outcome as O;
+        match outcome {
+            O::Admitted | O::AdmittedAfterWait => Some(0),
+            O::Dropped | O::WouldDrop => Some(1),
+            O::Deferred | O::QueueFull => Some(2),
+            O::Protected => None,
+        }
+    }
+}
 
 /// One slot of the group table (`crate::table`): its tag (what it holds), the key, the
 /// insert lock of the window starting here, and the group's state.
@@ -262,7 +289,7 @@ pub struct GroupSlot {
     pub _pad: u32,
     pub state: GroupState,
 }
-const _: () = assert!(size_of::<GroupSlot>() == 80 && align_of::<GroupSlot>() == 8);
+const _: () = assert!(size_of::<GroupSlot>() == 96 && align_of::<GroupSlot>() == 8);
 
 /// Address family of a [`WaitKey`].
 pub mod family {
@@ -371,22 +398,29 @@ pub const fn wait_bucket(wait_ns: u64) -> usize {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleStats {
-    pub counts: [u64; 8],
+    pub counts: [u64; crate::Outcome::COUNT],
+    /// Places in the line released after `max_wait`, counted by the program when the
+    /// client knocks after it (a client that gave up never does; the daemon counts
+    /// those when it clears their places, see `shaper::daemon`).
+    pub released: u64,
     /// Admissions after waiting, by [`wait_bucket`] (not cumulative).
     pub wait: [u64; WAIT_BUCKETS],
     /// Sum of those waits in ns.
     pub wait_sum_ns: u64,
 }
-const _: () = assert!(size_of::<RuleStats>() == 136);
-
-const _: () = assert!(crate::Outcome::COUNT <= 8);
+// The layout of the pinned map is the same as when `counts` had a spare eighth word.
+const _: () = assert!(size_of::<RuleStats>() == 136 && crate::Outcome::COUNT == 7);
 
 impl RuleStats {
     /// The counter of one outcome.
     pub const fn get(&self, outcome: crate::Outcome) -> u64 {
-        // The index is an enum discriminant below the array length (asserted above).
+        // The index is an enum discriminant below the array length.
         let i = outcome as usize;
-        if i < 8 { self.counts[i] } else { 0 }
+        if i < crate::Outcome::COUNT {
+            self.counts[i]
+        } else {
+            0
+        }
     }
 }
 

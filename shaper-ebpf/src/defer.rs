@@ -23,8 +23,8 @@ use crate::{
     clock::exact_clock,
     maps::{LINES, PROBES, SCRATCH, Scratch, WAITERS},
     parse::Attempt,
-    police::exit,
-    stats::count_wait,
+    police::{count_group, exit},
+    stats::{count_released, count_wait},
 };
 
 /// What [`defer`] decided, and whether the group just became congested: the caller
@@ -279,21 +279,22 @@ pub(crate) fn defer(
     let budget = GroupBudget { rule, group, now };
     // SAFETY: this CPU's scratch value.
     let knocks = unsafe { &mut (*scratch).knocks };
+    // A waiting client knocking after its `max_wait`: its place is released (whether
+    // or not this knock gets in, as under `drop`).
+    if let Known::Waiting { knocks: k } = known
+        && now.saturating_sub(k.first_seen_ns) > rule.max_wait_ns
+    {
+        count_released(rule.rule_id);
+    }
     let decision = knock::<BpfLoop>(line, cal, &rule.line_rule(), known, now, &budget, knocks);
     let became_congested = !was_congested && now < line.congested_until_ns;
-    let (reason, keep) = match decision {
-        Decision::Admit => (
-            exit(rule.rule_id, Outcome::Admitted, Reason::Admitted),
-            KEEP_FORGET,
-        ),
+    let (outcome, reason, keep) = match decision {
+        Decision::Admit => (Outcome::Admitted, Reason::Admitted, KEEP_FORGET),
         Decision::AdmitAfterWait { wait_ns } => {
             count_wait(rule.rule_id, wait_ns);
             (
-                exit(
-                    rule.rule_id,
-                    Outcome::AdmittedAfterWait,
-                    Reason::AdmittedAfterWait,
-                ),
+                Outcome::AdmittedAfterWait,
+                Reason::AdmittedAfterWait,
                 KEEP_FORGET,
             )
         }
@@ -304,16 +305,12 @@ pub(crate) fn defer(
                 Remember::Knocks => KEEP_KNOCKS,
                 Remember::Waiter => KEEP_WAITER,
             };
-            (
-                exit(rule.rule_id, Outcome::Deferred, Reason::Deferred),
-                keep,
-            )
+            (Outcome::Deferred, Reason::Deferred, keep)
         }
-        Decision::QueueFull => (
-            exit(rule.rule_id, Outcome::QueueFull, Reason::QueueFull),
-            KEEP_NOTHING,
-        ),
+        Decision::QueueFull => (Outcome::QueueFull, Reason::QueueFull, KEEP_NOTHING),
     };
+    count_group(group, outcome);
+    let reason = exit(rule.rule_id, outcome, reason);
     if keep != KEEP_NOTHING {
         defer_keep(scratch, waiter, keep, rule.rule_id, now);
     }

@@ -9,8 +9,8 @@ use shaper_common::{
     Outcome, Reason, Verdict, group_v4, group_v6,
     line::LineState,
     maps::{
-        GEN_BITS, GroupState, PrefixV4, PrefixV6, RuleEntry, UNOWNED, action, config, family,
-        rule_flags,
+        GEN_BITS, GroupCounts, GroupState, PrefixV4, PrefixV6, RuleEntry, UNOWNED, action, config,
+        family, rule_flags,
     },
 };
 
@@ -126,12 +126,34 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
         }
         return d.reason;
     }
-    let verdict = budget_verdict(rule, group.state());
-    match (verdict, rule.action) {
-        (Verdict::Admit, _) => exit(rule.rule_id, Outcome::Admitted, Reason::Admitted),
-        (_, action::MONITOR) => exit(rule.rule_id, Outcome::WouldDrop, Reason::WouldDrop),
-        (Verdict::Contended, _) => exit(rule.rule_id, Outcome::Dropped, Reason::Contended),
-        _ => exit(rule.rule_id, Outcome::Dropped, Reason::Dropped),
+    let state = group.state();
+    let verdict = budget_verdict(rule, state);
+    let (outcome, reason) = match (verdict, rule.action) {
+        (Verdict::Admit, _) => (Outcome::Admitted, Reason::Admitted),
+        (_, action::MONITOR) => (Outcome::WouldDrop, Reason::WouldDrop),
+        (Verdict::Contended, _) => (Outcome::Dropped, Reason::Contended),
+        _ => (Outcome::Dropped, Reason::Dropped),
+    };
+    if let Some(g) = state {
+        count_group(g, outcome);
+    }
+    exit(rule.rule_id, outcome, reason)
+}
+
+/// Count an attempt's outcome in its group's counters (no atomics: see
+/// [`GroupCounts`]).
+#[inline(always)]
+pub(crate) fn count_group(group: *mut GroupState, outcome: Outcome) {
+    if let Some(i) = GroupCounts::index(outcome) {
+        // SAFETY: a live GROUPS value; the counters are words of their own, and a race
+        // between CPUs only loses a count.
+        unsafe {
+            let p = (&raw mut (*group).counts).cast::<u32>();
+            if i < 3 {
+                let c = p.add(i);
+                c.write_volatile(c.read_volatile().wrapping_add(1));
+            }
+        }
     }
 }
 
@@ -282,6 +304,12 @@ pub(crate) static NEW_GROUP: GroupState = GroupState {
         q_epoch: 0,
         q_cur: 0,
         q_prev: 0,
+        _pad: 0,
+    },
+    counts: GroupCounts {
+        admitted: 0,
+        dropped: 0,
+        deferred: 0,
         _pad: 0,
     },
 };

@@ -36,3 +36,12 @@ pub fn count_wait(rule_id: u32, wait_ns: u64) {
         stats.wait_sum_ns = stats.wait_sum_ns.wrapping_add(wait_ns);
     }
 }
+
+/// Count one waiting client's place released after `max_wait` under rule `rule_id`.
+#[inline(always)]
+pub fn count_released(rule_id: u32) {
+    if let Some(p) = RULE_STATS.get_ptr_mut(rule_id) {
+        // SAFETY: as above.
+        unsafe { (*p).released += 1 };
+    }
+}

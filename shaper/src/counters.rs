@@ -36,6 +36,7 @@ pub fn rule(ebpf: &Ebpf, rule_id: u32) -> Result<RuleStats> {
             *s = s.wrapping_add(*c);
         }
         sum.wait_sum_ns = sum.wait_sum_ns.wrapping_add(cpu.wait_sum_ns);
+        sum.released = sum.released.wrapping_add(cpu.released);
     }
     Ok(sum)
 }

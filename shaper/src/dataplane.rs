@@ -35,6 +35,17 @@ pub struct Staged {
 pub struct Dataplane {
     pub ebpf: Ebpf,
     pub capacity: Capacity,
+    /// Places in the line released after `max_wait` that [`Dataplane::line`] cleared,
+    /// by rule id (the program counts those whose client knocked after it).
+    released: std::collections::HashMap<u32, u64>,
+}
+
+/// A client waiting in a `defer` line now.
+#[derive(Clone, Copy, Debug)]
+pub struct Waiting {
+    pub key: shaper_common::maps::WaitKey,
+    pub rule_id: u32,
+    pub first_seen_ns: u64,
 }
 
 /// How to load the program: [`Loader::new`] loads the embedded object with the default
@@ -149,7 +160,11 @@ impl<'a> Loader<'a> {
                 verifier_hint(&e)
             )
         })?;
-        let dp = Dataplane { ebpf, capacity };
+        let dp = Dataplane {
+            ebpf,
+            capacity,
+            released: std::collections::HashMap::new(),
+        };
         dp.seed_groups()?;
         Ok(dp)
     }
@@ -400,6 +415,9 @@ impl Dataplane {
                 budgets.set(id, RuleBudget::default(), 0)?;
             }
         }
+        for id in &ids {
+            self.released.remove(id);
+        }
         let mut stats: PerCpuArray<&mut MapData, RuleStats> = self.map_mut(MAP_RULE_STATS)?;
         for &id in &ids {
             let zeros = aya::maps::PerCpuValues::try_from(vec![RuleStats::default(); ncpus])?;
@@ -465,9 +483,59 @@ impl Dataplane {
         crate::counters::global(&self.ebpf)
     }
 
-    /// One rule's counters, summed over CPUs.
+    /// One rule's counters, summed over CPUs (with the places [`Dataplane::line`]
+    /// released).
     pub fn rule_counters(&self, rule_id: u32) -> Result<RuleStats> {
-        crate::counters::rule(&self.ebpf, rule_id)
+        let mut c = crate::counters::rule(&self.ebpf, rule_id)?;
+        c.released = c
+            .released
+            .wrapping_add(self.released.get(&rule_id).copied().unwrap_or(0));
+        Ok(c)
+    }
+
+    /// The clients waiting in the `defer` lines now. A place whose `max_wait` has
+    /// passed (`max_wait_ns` of its rule id; `None`: not a rule in force) is released
+    /// here: its entry is deleted and counted under its rule. A client that gave up
+    /// never knocks again, so without this its place would stay until the table's LRU
+    /// evicts it, and nobody would count it. (A client that does knock after its
+    /// `max_wait` finds no place and gets what `drop` would give it, as it would with
+    /// its place released at that knock.)
+    pub fn line(&mut self, now: u64, max_wait_ns: impl Fn(u32) -> Option<u64>) -> Vec<Waiting> {
+        use shaper_common::maps::{MAP_WAITERS, WaitKey, Waiter};
+        let mut live = Vec::new();
+        let mut expired = Vec::new();
+        if let Some(m) = self.ebpf.map(MAP_WAITERS)
+            && let Ok(h) = aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
+        {
+            // An entry that goes between the key and its lookup is skipped.
+            for (key, w) in h.iter().flatten() {
+                let Some(max_wait) = max_wait_ns(w.rule_id) else {
+                    continue;
+                };
+                let first_seen_ns = w.knocks.first_seen_ns;
+                if now.saturating_sub(first_seen_ns) > max_wait {
+                    expired.push((key, w.rule_id));
+                } else {
+                    live.push(Waiting {
+                        key,
+                        rule_id: w.rule_id,
+                        first_seen_ns,
+                    });
+                }
+            }
+        }
+        if !expired.is_empty()
+            && let Some(m) = self.ebpf.map_mut(MAP_WAITERS)
+            && let Ok(mut h) = aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
+        {
+            for (key, rule_id) in expired {
+                // Gone already: the client got in or knocked meanwhile.
+                if h.remove(&key).is_ok() {
+                    *self.released.entry(rule_id).or_default() += 1;
+                }
+            }
+        }
+        live
     }
 }
 

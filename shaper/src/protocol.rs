@@ -107,6 +107,12 @@ pub struct RuleStatsView {
     /// waited at most that long.
     pub wait_buckets: Vec<WaitBucket>,
     pub wait_sum_s: f64,
+    /// Clients waiting in the rule's lines now (`defer`).
+    #[serde(default)]
+    pub waiting: u64,
+    /// Places released after `max_wait` (clients that most likely gave up).
+    #[serde(default)]
+    pub released: u64,
 }
 
 impl RuleStatsView {
@@ -156,6 +162,20 @@ pub struct TopGroup {
     pub congested: bool,
     /// Clients that joined the group's line recently (`defer`).
     pub joined_line: u32,
+    /// Clients waiting in the group's line now.
+    #[serde(default)]
+    pub waiting: u32,
+    /// How long the oldest of them has waited, in seconds (0: nobody waits).
+    #[serde(default)]
+    pub oldest_wait_s: f64,
+    /// The group's SYNs so far (wrapping counters; `top` shows their rates):
+    /// admitted (with or without waiting), dropped (or would be, `monitor`), deferred.
+    #[serde(default)]
+    pub admitted: u32,
+    #[serde(default)]
+    pub dropped: u32,
+    #[serde(default)]
+    pub deferred: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

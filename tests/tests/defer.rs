@@ -105,3 +105,61 @@ fn full_line_counts_queue_full_and_admits_nothing_extra() {
     assert_eq!(s.get(Outcome::Admitted), 1);
     assert_eq!(h.global().expect("global")[Reason::QueueFull as usize], 2);
 }
+
+#[test]
+fn a_knock_after_max_wait_releases_the_place_and_the_group_counts_its_syns() {
+    let policy = POLICY.replace("rate = 1\n", "rate = \"1/h\"\nmax_wait = \"1s\"\n");
+    let mut h = Harness::new(&policy).expect("BPF is required");
+    assert_eq!(verdict(&mut h, &syn(1, 1)), XDP_PASS);
+    // Client 2 probes, proves itself and joins the line: no budget for an hour.
+    assert_eq!(verdict(&mut h, &syn(2, 9)), XDP_DROP);
+    assert_eq!(verdict(&mut h, &syn(2, 9)), XDP_DROP);
+    let now = shaper::clock::monotonic_ns();
+    let live = h.dp.line(now, |_| Some(1_000_000_000));
+    assert_eq!(live.len(), 1, "one client waits");
+    assert_eq!(h.rule("line").expect("counters").released, 0);
+    sleep(Duration::from_millis(1200));
+    // Its knock after `max_wait`: the place is released (and, with no budget, the
+    // client starts again).
+    assert_eq!(verdict(&mut h, &syn(2, 9)), XDP_DROP);
+    let s = h.rule("line").expect("counters");
+    assert_eq!(s.released, 1);
+    assert_eq!(s.get(Outcome::Deferred), 3);
+    // The group's own counters: one admitted, three deferred.
+    let groups = h.dp.groups();
+    let counts: Vec<_> = groups
+        .iter()
+        .filter(|(_, g)| g.counts != Default::default())
+        .map(|(_, g)| (g.counts.admitted, g.counts.dropped, g.counts.deferred))
+        .collect();
+    assert_eq!(counts, vec![(1, 0, 3)]);
+}
+
+#[test]
+fn the_daemon_releases_places_past_max_wait_once() {
+    let policy = POLICY.replace("rate = 1\n", "rate = \"1/h\"\nmax_wait = \"1s\"\n");
+    let mut h = Harness::new(&policy).expect("BPF is required");
+    let id = h.rule_id("line");
+    assert_eq!(verdict(&mut h, &syn(1, 1)), XDP_PASS);
+    for c in [2, 3] {
+        assert_eq!(verdict(&mut h, &syn(c, 9)), XDP_DROP);
+        assert_eq!(verdict(&mut h, &syn(c, 9)), XDP_DROP);
+    }
+    let max_wait = |rule| (rule == id).then_some(1_000_000_000);
+    assert_eq!(h.dp.line(shaper::clock::monotonic_ns(), max_wait).len(), 2);
+    sleep(Duration::from_millis(1200));
+    // Both gave up (no knock since): their places are released once, by the walk.
+    let now = shaper::clock::monotonic_ns();
+    assert!(h.dp.line(now, max_wait).is_empty());
+    assert!(h.dp.line(now, max_wait).is_empty());
+    assert_eq!(h.rule("line").expect("counters").released, 2);
+    // A rule id not in force is left alone.
+    assert_eq!(verdict(&mut h, &syn(4, 9)), XDP_DROP);
+    assert_eq!(verdict(&mut h, &syn(4, 9)), XDP_DROP);
+    sleep(Duration::from_millis(1200));
+    assert!(
+        h.dp.line(shaper::clock::monotonic_ns(), |_| None)
+            .is_empty()
+    );
+    assert_eq!(h.rule("line").expect("counters").released, 2);
+}

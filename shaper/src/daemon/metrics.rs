@@ -146,9 +146,13 @@ fn family<'a, T: prometheus_client::encoding::EncodeMetric + 'a>(
 
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let Ok(s) = self.0.lock() else {
+        let Ok(mut s) = self.0.lock() else {
             return Ok(());
         };
+        // The lines first: places past their `max_wait` are released (and counted)
+        // before the counters are read.
+        let lines = super::report::line(&mut s);
+        let now = crate::clock::monotonic_ns();
         family(
             &mut e,
             "shaper_up",
@@ -234,8 +238,10 @@ impl Collector for Scrape {
         let mut fill = Vec::new();
         let mut attach = Vec::new();
         let mut attached = Vec::new();
-        for i in &s.ifaces {
+        let mut line = Vec::new();
+        for (i, waiting) in s.ifaces.iter().zip(&lines) {
             let iface = i.att.iface.as_str();
+            let by_rule = super::report::line_by_rule(waiting);
             // What the kernel runs there now (one netlink request): whether it is still
             // our program (a detach by another tool shows here first), and its mode.
             let kernel = crate::attach::ifindex(iface)
@@ -260,6 +266,13 @@ impl Collector for Scrape {
                 // Only a `defer` rule's clients wait (eight buckets a rule otherwise).
                 if rule.action == crate::policy::Action::Defer {
                     waits.push((rule.name.as_str(), iface, c));
+                    let (n, oldest) = by_rule.get(&id).copied().unwrap_or((0, u64::MAX));
+                    let oldest_s = if n == 0 {
+                        0.0
+                    } else {
+                        now.saturating_sub(oldest) as f64 / 1e9
+                    };
+                    line.push((rule.name.as_str(), iface, n, oldest_s, c.released));
                 }
             }
             if let Ok(g) = i.dp.global_counters() {
@@ -328,6 +341,45 @@ impl Collector for Scrape {
                 )?;
             }
         }
+        family(
+            &mut e,
+            "shaper_line_waiting",
+            "Clients waiting in a `defer` rule's lines now (places within `max_wait`).",
+            None,
+            line.iter().map(|(rule, iface, n, _, _)| {
+                (
+                    vec![("rule", *rule), ("interface", *iface)],
+                    ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX)),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "shaper_line_oldest_wait_seconds",
+            "How long the oldest client waiting in a `defer` rule's lines has waited (0: \
+             nobody waits).",
+            None,
+            line.iter().map(|(rule, iface, _, oldest, _)| {
+                (
+                    vec![("rule", *rule), ("interface", *iface)],
+                    ConstGauge::new(*oldest),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "shaper_line_released",
+            "Places in a `defer` rule's lines released after `max_wait`: clients that \
+             most likely gave up (counted when the client knocks after it, or when a \
+             scrape, `stats` or `top` finds the place expired).",
+            None,
+            line.iter().map(|(rule, iface, _, _, released)| {
+                (
+                    vec![("rule", *rule), ("interface", *iface)],
+                    ConstCounter::new(*released),
+                )
+            }),
+        )?;
         family(
             &mut e,
             "shaper_map_entries",

@@ -173,8 +173,8 @@ pub fn run(cfg: Config) -> Result<()> {
                     }
                 }
                 _ = tick.tick(), if logging => {
-                    if let Ok(s) = state.lock() {
-                        report::log_counters(&s);
+                    if let Ok(mut s) = state.lock() {
+                        report::log_counters(&mut s);
                     }
                 }
                 conn = listener.accept() => match conn {
@@ -188,8 +188,8 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         notify("STOPPING=1");
         let _ = std::fs::remove_file(&cfg.socket);
-        if let Ok(s) = state.lock() {
-            report::log_counters(&s);
+        if let Ok(mut s) = state.lock() {
+            report::log_counters(&mut s);
             for i in &s.ifaces {
                 tracing::info!(
                     iface = %i.att.iface,

@@ -1,6 +1,6 @@
 //! What the daemon reports: `status`, `stats`, `top`, and the counters in its log.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use shaper_common::{
     Outcome, Reason,
@@ -10,6 +10,7 @@ use shaper_common::{
 use super::state::State;
 use crate::{
     attach,
+    dataplane::Waiting,
     protocol::{self, IfaceStatus, MapFill, RuleStatsView, Stats, Status, TopGroup},
 };
 
@@ -51,11 +52,69 @@ pub fn status(s: &State) -> Status {
     }
 }
 
-/// The groups nearest to (or over) their budget, congested ones first.
-pub fn top(s: &State, n: usize) -> Vec<TopGroup> {
+/// The clients waiting in each interface's lines now (in the order of `s.ifaces`);
+/// places past their rule's `max_wait` are released on the way
+/// ([`crate::dataplane::Dataplane::line`]).
+pub fn line(s: &mut State) -> Vec<Vec<Waiting>> {
+    let now = crate::clock::monotonic_ns();
+    let max_wait: HashMap<u32, u64> = s
+        .ids
+        .iter()
+        .zip(&s.policy.rules)
+        .filter(|(_, r)| r.action == crate::policy::Action::Defer)
+        .map(|(id, r)| {
+            (
+                *id,
+                u64::try_from(r.max_wait.as_nanos()).unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    s.ifaces
+        .iter_mut()
+        .map(|i| i.dp.line(now, |id| max_wait.get(&id).copied()))
+        .collect()
+}
+
+/// Per rule id: clients waiting and the first-seen time of the oldest.
+pub fn line_by_rule(waiting: &[Waiting]) -> HashMap<u32, (u64, u64)> {
+    let mut out: HashMap<u32, (u64, u64)> = HashMap::new();
+    for w in waiting {
+        let e = out.entry(w.rule_id).or_insert((0, u64::MAX));
+        e.0 += 1;
+        e.1 = e.1.min(w.first_seen_ns);
+    }
+    out
+}
+
+/// The groups nearest to (or over) their budget, congested ones first, with their
+/// line.
+pub fn top(s: &mut State, n: usize) -> Vec<TopGroup> {
+    let lines = line(s);
     let now = crate::clock::monotonic_ns();
     let mut out = Vec::new();
-    for i in &s.ifaces {
+    for (i, waiting) in s.ifaces.iter().zip(&lines) {
+        // Per group (the client's address masked to its rule's group length): clients
+        // waiting and the oldest first-seen time.
+        let mut groups: HashMap<(u32, [u8; 16]), (u32, u64)> = HashMap::new();
+        for w in waiting {
+            let Some(rule) = s
+                .ids
+                .iter()
+                .position(|id| *id == w.rule_id)
+                .and_then(|pos| s.policy.rules.get(pos))
+            else {
+                continue;
+            };
+            let bytes = if w.key.family == shaper_common::maps::family::V4 {
+                4
+            } else {
+                16
+            };
+            let addr = mask(&w.key.src, rule.group, bytes);
+            let e = groups.entry((w.rule_id, addr)).or_insert((0, u64::MAX));
+            e.0 += 1;
+            e.1 = e.1.min(w.first_seen_ns);
+        }
         for (key, st) in i.dp.groups() {
             let Some(pos) = s.ids.iter().position(|id| *id == st.rule_id) else {
                 continue;
@@ -80,6 +139,10 @@ pub fn top(s: &State, n: usize) -> Vec<TopGroup> {
             } else {
                 IpAddr::from(key.addr)
             };
+            let (waiting, oldest) = groups
+                .get(&(st.rule_id, key.addr))
+                .copied()
+                .unwrap_or((0, u64::MAX));
             out.push(TopGroup {
                 iface: i.att.iface.clone(),
                 rule: rule.name.clone(),
@@ -88,12 +151,22 @@ pub fn top(s: &State, n: usize) -> Vec<TopGroup> {
                 burst: rule.burst,
                 congested: now < st.line.congested_until_ns,
                 joined_line: st.line.q_cur.saturating_add(st.line.q_prev),
+                waiting,
+                oldest_wait_s: if oldest == u64::MAX {
+                    0.0
+                } else {
+                    now.saturating_sub(oldest) as f64 / 1e9
+                },
+                admitted: st.counts.admitted,
+                dropped: st.counts.dropped,
+                deferred: st.counts.deferred,
             });
         }
     }
     out.sort_by(|a, b| {
         b.congested
             .cmp(&a.congested)
+            .then(b.waiting.cmp(&a.waiting))
             .then(b.burst_used.total_cmp(&a.burst_used))
             .then(b.joined_line.cmp(&a.joined_line))
     });
@@ -101,7 +174,25 @@ pub fn top(s: &State, n: usize) -> Vec<TopGroup> {
     out
 }
 
-pub fn stats(s: &State) -> Stats {
+/// `bytes` leading bytes of `addr` masked to `len` bits (the rest zero).
+fn mask(addr: &[u8; 16], len: u8, bytes: usize) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut left = u32::from(len);
+    for (o, a) in out.iter_mut().zip(addr).take(bytes) {
+        let keep = left.min(8);
+        *o = if keep == 0 {
+            0
+        } else {
+            a & (0xffu8 << (8 - keep))
+        };
+        left -= keep;
+    }
+    out
+}
+
+pub fn stats(s: &mut State) -> Stats {
+    let lines = line(s);
+    let waiting: Vec<HashMap<u32, (u64, u64)>> = lines.iter().map(|w| line_by_rule(w)).collect();
     let mut out = Stats::default();
     for (pos, rule) in s.policy.rules.iter().enumerate() {
         let Some(&id) = s.ids.get(pos) else { continue };
@@ -113,13 +204,15 @@ pub fn stats(s: &State) -> Stats {
         };
         let mut wait = [0u64; WAIT_BUCKETS];
         let mut sum_ns = 0u64;
-        for i in &s.ifaces {
+        for (i, w) in s.ifaces.iter().zip(&waiting) {
             let Ok(c) = i.dp.rule_counters(id) else {
                 continue;
             };
             for o in Outcome::ALL {
                 *v.outcomes.entry(o.name().to_string()).or_default() += c.get(o);
             }
+            v.released += c.released;
+            v.waiting += w.get(&id).map_or(0, |x| x.0);
             for (w, x) in wait.iter_mut().zip(c.wait.iter()) {
                 *w += x;
             }
@@ -139,7 +232,7 @@ pub fn stats(s: &State) -> Stats {
     out
 }
 
-pub fn log_counters(s: &State) {
+pub fn log_counters(s: &mut State) {
     let st = stats(s);
     let line: Vec<String> = st
         .global

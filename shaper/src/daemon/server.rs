@@ -112,7 +112,7 @@ fn handle(state: &Arc<Mutex<State>>, req: Request) -> Response {
     };
     match req {
         Request::Status => Response::Status(report::status(&s)),
-        Request::Stats => Response::Stats(report::stats(&s)),
+        Request::Stats => Response::Stats(report::stats(&mut s)),
         Request::PolicyShow => Response::Policy(PolicyView {
             generation: s.generation,
             hash: s.hash.clone(),
@@ -132,7 +132,7 @@ fn handle(state: &Arc<Mutex<State>>, req: Request) -> Response {
             Err(e) => error(&e.to_string()),
         },
         Request::Top { n } => Response::Top {
-            groups: report::top(&s, n as usize),
+            groups: report::top(&mut s, n as usize),
         },
         Request::Reload => {
             drop(s);
