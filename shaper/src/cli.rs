@@ -46,11 +46,24 @@ pub enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// The groups nearest to (or over) their budget right now, congested ones first.
+    /// The groups nearest to (or over) their budget, live like `top`: per group its
+    /// SYNs admitted, dropped and deferred per second, its line (clients waiting, the
+    /// oldest's wait) and its budget, congested groups first. `q` quits. When the
+    /// output is not a terminal (or with --once), prints the table once, its rates
+    /// measured over one interval; `-o json` prints the groups' totals once.
     Top {
         /// How many groups.
         #[arg(short, default_value_t = 20)]
         n: u32,
+        /// Only the groups of this rule.
+        #[arg(long, value_name = "NAME")]
+        rule: Option<String>,
+        /// Seconds between refreshes (0.1 to 60).
+        #[arg(long, default_value_t = 1.0, value_parser = interval)]
+        interval: f64,
+        /// Print once and exit, even on a terminal.
+        #[arg(long)]
+        once: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -137,6 +150,18 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// `--interval`: seconds, 0.1 to 60.
+fn interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if (0.1..=60.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} s is outside 0.1 to 60 s"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -334,9 +359,41 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
         }
-        Command::Top { n, client } => {
-            let reply = client::call(&client.socket, Request::Top { n })?;
-            print_reply(&reply, client.output, crate::render::top)
+        Command::Top {
+            n,
+            rule,
+            interval,
+            once,
+            client,
+        } => {
+            use std::io::IsTerminal as _;
+            let ask = || {
+                client::call(
+                    &client.socket,
+                    Request::Top {
+                        n,
+                        rule: rule.clone(),
+                    },
+                )
+            };
+            let interval = std::time::Duration::from_secs_f64(interval);
+            let first = ask()?;
+            if client.output == Output::Json || matches!(first, Response::Error { .. }) {
+                return print_reply(&first, client.output, |r| crate::render::top(None, r));
+            }
+            if once || !std::io::stdout().is_terminal() {
+                let at = std::time::Instant::now();
+                std::thread::sleep(interval);
+                let second = ask()?;
+                let prev = match &first {
+                    Response::Top { groups } => {
+                        Some((groups.as_slice(), at.elapsed().as_secs_f64()))
+                    }
+                    _ => None,
+                };
+                return print_reply(&second, Output::Table, |r| crate::render::top(prev, r));
+            }
+            crate::top::live(first, ask, interval, rule.as_deref())
         }
         Command::Detach { ifaces, pin_root } => detach(&ifaces, &pin_root),
         Command::Completions { shell } => {

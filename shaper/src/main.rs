@@ -2,6 +2,7 @@
 
 mod cli;
 mod render;
+mod top;
 
 use std::process::ExitCode;
 

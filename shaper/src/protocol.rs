@@ -39,9 +39,11 @@ pub enum Request {
     },
     /// Re-read the daemon's config file.
     Reload,
-    /// The `n` groups closest to (or over) their budget.
+    /// The `n` groups closest to (or over) their budget (of one rule, if named).
     Top {
         n: u32,
+        #[serde(default)]
+        rule: Option<String>,
     },
 }
 

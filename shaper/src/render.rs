@@ -1,6 +1,6 @@
 //! Human output of `shaper status`, `stats` and `top`: plain aligned tables.
 
-use shaper::protocol::{Response, RuleStatsView, Stats};
+use shaper::protocol::{Response, RuleStatsView, Stats, TopGroup};
 use shaper_common::Outcome;
 
 /// Align `rows` (the first is the header) in columns, numbers right-aligned.
@@ -157,36 +157,67 @@ fn stats_tables(
     out
 }
 
-pub fn top(r: &Response) -> String {
+/// `top`'s column headers.
+pub const TOP_HEADER: [&str; 10] = [
+    "IFACE",
+    "RULE",
+    "GROUP",
+    "ADMITTED/S",
+    "DROPPED/S",
+    "DEFERRED/S",
+    "WAITING",
+    "OLDEST WAIT",
+    "BURST USED",
+    "CONGESTED",
+];
+
+/// `top`'s rows: per group, its SYNs per second since `prev` (taken `dt` seconds
+/// before; `-` for a group that was not there or without a previous sample), its line
+/// and its budget.
+pub fn top_rows(prev: Option<(&[TopGroup], f64)>, cur: &[TopGroup]) -> Vec<Vec<String>> {
+    cur.iter()
+        .map(|g| {
+            let before = prev.and_then(|(p, dt)| {
+                p.iter()
+                    .find(|o| o.iface == g.iface && o.rule == g.rule && o.group == g.group)
+                    .map(|o| (o, dt))
+                    .filter(|(_, dt)| *dt > 0.0)
+            });
+            let rate = |now: u32, then: fn(&TopGroup) -> u32| {
+                before.map_or("-".to_string(), |(o, dt)| {
+                    format!("{:.1}", f64::from(now.wrapping_sub(then(o))) / dt)
+                })
+            };
+            vec![
+                g.iface.clone(),
+                g.rule.clone(),
+                g.group.clone(),
+                rate(g.admitted, |o| o.admitted),
+                rate(g.dropped, |o| o.dropped),
+                rate(g.deferred, |o| o.deferred),
+                g.waiting.to_string(),
+                if g.waiting == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}s", g.oldest_wait_s)
+                },
+                format!("{:.1}/{}", g.burst_used, g.burst),
+                if g.congested { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect()
+}
+
+/// `top` as plain text: rates since `prev` (see [`top_rows`]).
+pub fn top(prev: Option<(&[TopGroup], f64)>, r: &Response) -> String {
     let Response::Top { groups } = r else {
         return String::new();
     };
     if groups.is_empty() {
         return "no group has attempted a new connection recently".to_string();
     }
-    let mut rows = vec![
-        [
-            "IFACE",
-            "RULE",
-            "GROUP",
-            "BURST USED",
-            "CONGESTED",
-            "JOINED LINE",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>(),
-    ];
-    for g in groups {
-        rows.push(vec![
-            g.iface.clone(),
-            g.rule.clone(),
-            g.group.clone(),
-            format!("{:.1}/{}", g.burst_used, g.burst),
-            if g.congested { "yes" } else { "no" }.to_string(),
-            g.joined_line.to_string(),
-        ]);
-    }
+    let mut rows = vec![TOP_HEADER.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    rows.extend(top_rows(prev, groups));
     render(&rows)
 }
 

@@ -1429,3 +1429,195 @@ fn replace_switches_off_a_program_another_tool_attached_through_netlink() {
         json(&d, &["status"])["interfaces"][0]["prog_id"].as_u64()
     );
 }
+
+const DEFER: &str = r#"
+[[rule]]
+name = "pupils"
+prefix = "198.18.0.0/16"
+rate = "1/h"
+burst = 2
+action = "defer"
+max_wait = "4s"
+
+[protect]
+prefixes = ["198.18.250.1/32"]
+"#;
+
+/// A tmux session running a command, killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(cmd: &str) -> Tmux {
+        let name = format!("shaper-top-{}", std::process::id());
+        let ok = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                "200",
+                "-y",
+                "20",
+                cmd,
+            ])
+            .status()
+            .expect("tmux (cargo xtask setup installs it)");
+        assert!(ok.success(), "tmux new-session");
+        Tmux(name)
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn alive(&self) -> bool {
+        Command::new("tmux")
+            .args(["has-session", "-t", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn the_line_shows_in_metrics_stats_and_a_live_top() {
+    let bed = bed();
+    let d = Daemon::start(&bed.srv, SERVER_DEV, DEFER, &[]).expect("shaper run");
+    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
+    let src = addr("198.18.9.10");
+    // Six clients in half a second: two take the burst, four prove themselves a second
+    // later and wait in line (no budget for an hour).
+    let started = Instant::now();
+    let clients = storm(
+        &bed.cli,
+        src,
+        Testbed::dst_for(src),
+        12,
+        Duration::from_millis(500),
+    )
+    .expect("storm");
+    assert_eq!(clients.sockets.len(), 6);
+    let s = sock(&d);
+    let bin = shaper_bin().expect("shaper binary");
+    let top = Tmux::start(&format!("{} top --rule pupils --socket {s}", bin.display()));
+    std::thread::sleep(Duration::from_millis(2500));
+    let series = |name: &str| format!("{name}{{rule=\"pupils\",interface=\"{SERVER_DEV}\"}}");
+    let (_, text) = scrape(&bed.srv, "text/plain");
+    assert_eq!(
+        sample(&text, &series("shaper_line_waiting")),
+        Some(4),
+        "{text}"
+    );
+    let oldest: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&series("shaper_line_oldest_wait_seconds"))?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("oldest wait");
+    assert!((1.5..4.0).contains(&oldest), "oldest wait {oldest}\n{text}");
+    assert_eq!(
+        sample(&text, &series("shaper_line_released_total")),
+        Some(0)
+    );
+    let stats = json(&d, &["stats"]);
+    assert_eq!(stats["rules"][0]["waiting"], 4, "{stats}");
+    assert_eq!(stats["rules"][0]["admitted"], 2, "{stats}");
+    // `top`: the group, its line and its SYNs (totals in JSON).
+    let groups = json(&d, &["top", "--rule", "pupils"]);
+    let g = &groups["groups"][0];
+    assert_eq!(g["group"], "198.18.9.0/24", "{groups}");
+    assert_eq!(g["waiting"], 4, "{groups}");
+    assert_eq!(g["admitted"], 2, "{groups}");
+    assert!(g["deferred"].as_u64() >= Some(8), "{groups}");
+    assert!(
+        json(&d, &["top", "--rule", "nobody"])["groups"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    // Not a terminal: one table, rates measured over the interval.
+    let out = shaper(&[
+        "top",
+        "--rule",
+        "pupils",
+        "--interval",
+        "0.5",
+        "--socket",
+        &s,
+    ]);
+    let plain = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        plain.starts_with("IFACE") && plain.contains("DEFERRED/S"),
+        "{plain}"
+    );
+    assert!(plain.contains("198.18.9.0/24"), "{plain}");
+    let out = shaper(&["top", "--interval", "0", "--socket", &s]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--interval"),
+        "{out:?}"
+    );
+    // The live view, refreshed in place; `q` quits it.
+    let screen = top.screen();
+    assert!(screen.contains("1 groups (rule pupils)"), "{screen}");
+    assert!(
+        screen.contains("ADMITTED/S") && screen.contains("OLDEST WAIT"),
+        "{screen}"
+    );
+    let row = screen
+        .lines()
+        .find(|l| l.contains("198.18.9.0/24"))
+        .unwrap_or_else(|| panic!("no group row:\n{screen}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // IFACE RULE GROUP ADMITTED/S DROPPED/S DEFERRED/S WAITING …: rates, not totals.
+    assert_eq!(
+        &cells[..3],
+        [SERVER_DEV, "pupils", "198.18.9.0/24"],
+        "{row}"
+    );
+    assert_eq!(cells[3], "0.0", "{row}");
+    assert_eq!(cells[6], "4", "{row}");
+    Command::new("tmux")
+        .args(["send-keys", "-t", &top.0, "q"])
+        .status()
+        .expect("tmux send-keys");
+    let quit = Instant::now();
+    while top.alive() && quit.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!top.alive(), "top did not quit on q");
+    // The four give up; once their `max_wait` has passed, their places are released.
+    drop(clients);
+    let wait = Duration::from_millis(500 + 4000 + 1000).saturating_sub(started.elapsed());
+    std::thread::sleep(wait);
+    let (_, text) = scrape(&bed.srv, "text/plain");
+    assert_eq!(
+        sample(&text, &series("shaper_line_waiting")),
+        Some(0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("shaper_line_released_total")),
+        Some(4),
+        "{text}"
+    );
+    assert_eq!(json(&d, &["stats"])["rules"][0]["released"], 4);
+    drop(server);
+}

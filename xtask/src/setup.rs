@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "man-db",
     // `promtool check metrics` on a scrape of /metrics (and the Prometheus server).
     "prometheus",
+    // A terminal for the live `shaper top` test.
+    "tmux",
 ];
 
 pub fn setup() -> Result<()> {

@@ -88,7 +88,7 @@ pub fn line_by_rule(waiting: &[Waiting]) -> HashMap<u32, (u64, u64)> {
 
 /// The groups nearest to (or over) their budget, congested ones first, with their
 /// line.
-pub fn top(s: &mut State, n: usize) -> Vec<TopGroup> {
+pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
     let lines = line(s);
     let now = crate::clock::monotonic_ns();
     let mut out = Vec::new();
@@ -122,6 +122,9 @@ pub fn top(s: &mut State, n: usize) -> Vec<TopGroup> {
             let Some(rule) = s.policy.rules.get(pos) else {
                 continue;
             };
+            if only.is_some_and(|name| name != rule.name) {
+                continue;
+            }
             if key.len != rule.group {
                 // A probe entry only (the rule groups by another length).
                 continue;

@@ -131,8 +131,8 @@ fn handle(state: &Arc<Mutex<State>>, req: Request) -> Response {
             }
             Err(e) => error(&e.to_string()),
         },
-        Request::Top { n } => Response::Top {
-            groups: report::top(&mut s, n as usize),
+        Request::Top { n, rule } => Response::Top {
+            groups: report::top(&mut s, n as usize, rule.as_deref()),
         },
         Request::Reload => {
             drop(s);
