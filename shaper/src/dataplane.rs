@@ -138,6 +138,7 @@ impl<'a> Loader<'a> {
             .map_max_entries(MAP_RULE_STATS, capacity.rules)
             .map_max_entries(MAP_RULE_BUDGETS, capacity.rules)
             .map_max_entries(MAP_RULES, capacity.rules)
+            .map_max_entries(MAP_RULE_IDS, capacity.rules)
             .map_max_entries(MAP_RULES_V4, capacity.prefixes)
             .map_max_entries(MAP_RULES_V6, capacity.prefixes)
             .map_max_entries(shaper_common::maps::MAP_GROUPS, capacity.groups)

@@ -286,7 +286,8 @@ fn prog() -> Result<()> {
     for n in [10usize, 100_000] {
         let cap = Capacity {
             rules: (n + 16) as u32,
-            prefixes: (n + 64) as u32,
+            // Each trie holds two generations of the policy.
+            prefixes: (2 * (n + 64)) as u32,
             ..Capacity::default()
         };
         let mut h = Harness::from_policy(policy(n)?, cap)?;
