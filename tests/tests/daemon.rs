@@ -1047,12 +1047,12 @@ fn sample(text: &str, series: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-/// A server, and 40 attempts a second for `dur` from one pupil (198.18.9.10): more than
-/// `POLICY` lets through.
-fn pupils_storm(bed: &Testbed, dur: Duration) -> (Server, shaper_tests::tcp::Storm) {
+/// A server, and `rate` attempts a second for `dur` from one pupil (198.18.9.10); 40 a
+/// second is more than `POLICY` lets through.
+fn pupils_storm(bed: &Testbed, rate: u32, dur: Duration) -> (Server, shaper_tests::tcp::Storm) {
     let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
     let src = addr("198.18.9.10");
-    let s = storm(&bed.cli, src, Testbed::dst_for(src), 40, dur).expect("storm");
+    let s = storm(&bed.cli, src, Testbed::dst_for(src), rate, dur).expect("storm");
     (server, s)
 }
 
@@ -1061,7 +1061,7 @@ fn metrics_agree_with_stats_and_pass_promtool() {
     let bed = bed();
     let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
     // 40 attempts in a second against 20/s, burst 10: some admitted, some dropped.
-    let (server, s) = pupils_storm(&bed, Duration::from_secs(1));
+    let (server, s) = pupils_storm(&bed, 40, Duration::from_secs(1));
     std::thread::sleep(Duration::from_millis(1500));
     // Closing the sockets stops their retransmissions: the counters are still after.
     drop((s, server));
@@ -1234,7 +1234,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (server, s) = pupils_storm(&bed, Duration::from_secs(2));
+    let (server, s) = pupils_storm(&bed, 40, Duration::from_secs(2));
     // Until Prometheus has scraped the storm a few times and evaluated every rule.
     let deadline = Instant::now() + Duration::from_secs(60);
     let healthy = loop {
@@ -1497,19 +1497,10 @@ impl Drop for Tmux {
 fn the_line_shows_in_metrics_stats_and_a_live_top() {
     let bed = bed();
     let d = Daemon::start(&bed.srv, SERVER_DEV, DEFER, &[]).expect("shaper run");
-    let server = Server::start(&bed.srv, &[Testbed::dst_for(addr(SERVER_V4))]).expect("server");
-    let src = addr("198.18.9.10");
     // Six clients in half a second: two take the burst, four prove themselves a second
     // later and wait in line (no budget for an hour).
     let started = Instant::now();
-    let clients = storm(
-        &bed.cli,
-        src,
-        Testbed::dst_for(src),
-        12,
-        Duration::from_millis(500),
-    )
-    .expect("storm");
+    let (server, clients) = pupils_storm(&bed, 12, Duration::from_millis(500));
     assert_eq!(clients.sockets.len(), 6);
     let s = sock(&d);
     let bin = shaper_bin().expect("shaper binary");
