@@ -8,7 +8,9 @@
 //! - replace a pinned link's program atomically, and read the link's interface (a link
 //!   whose interface went away is defunct; aya's `LinkInfo` has no ifindex);
 //! - find and detach another tool's links (`BPF_LINK_GET_NEXT_ID`, `GET_FD_BY_ID`,
-//!   `LINK_DETACH`).
+//!   `LINK_DETACH`);
+//! - read a whole hash map in a few calls (`BPF_MAP_LOOKUP_BATCH`; aya walks it with
+//!   two calls per entry).
 //!
 //! A program's id is aya's (`Xdp::info`).
 
@@ -187,4 +189,46 @@ pub fn detach_xdp_links(ifindex: u32, prog_id: u32) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH` a few thousand at a
+/// time: its keys and its values as raw bytes, `key_size` and `value_size` bytes each,
+/// in the same order. An entry added or removed meanwhile may be missed or seen.
+pub fn hash_map_entries(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    const CHUNK: usize = 4096;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let mut kbuf = vec![0u8; CHUNK * key_size];
+    let mut vbuf = vec![0u8; CHUNK * value_size];
+    // Where the next call starts: a bucket index (a hash map's batch position).
+    let (mut at, mut next) = (0u64, 0u64);
+    // Bounded: each call moves past at least one bucket, and a map has at most 2^32.
+    for call in 0..u64::from(u32::MAX) {
+        let mut a = Attr::new();
+        a.u64_at(0, if call == 0 { 0 } else { &raw const at as u64 });
+        a.u64_at(8, &raw mut next as u64);
+        a.u64_at(16, kbuf.as_mut_ptr() as u64);
+        a.u64_at(24, vbuf.as_mut_ptr() as u64);
+        a.u32_at(32, CHUNK as u32);
+        a.u32_at(36, map.as_raw_fd() as u32);
+        let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut a) {
+            Ok(_) => false,
+            // The end of the map (this call's entries, if any, are still copied).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        let n = (u32::from_ne_bytes([a.0[32], a.0[33], a.0[34], a.0[35]]) as usize).min(CHUNK);
+        keys.extend_from_slice(&kbuf[..n * key_size]);
+        values.extend_from_slice(&vbuf[..n * value_size]);
+        if done {
+            break;
+        }
+        at = next;
+    }
+    Ok((keys, values))
 }

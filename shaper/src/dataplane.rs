@@ -429,7 +429,7 @@ impl Dataplane {
 
     /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters.
     pub fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
-        use shaper_common::maps::{LineKey, MAP_GROUPS, MAP_LINES, MAP_WAITERS, WaitKey, Waiter};
+        use shaper_common::maps::{LineKey, MAP_GROUPS, MAP_LINES, MAP_WAITERS};
         // Slots holding a group (or probe entry): their tags, one word each.
         let groups = MapMemory::new(&self.ebpf, MAP_GROUPS).map_or(0, |m| {
             (0..m.entries())
@@ -439,11 +439,7 @@ impl Dataplane {
                 })
                 .count() as u64
         });
-        let waiters = self.ebpf.map(MAP_WAITERS).and_then(|m| {
-            aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
-                .ok()
-                .map(|h| h.keys().count() as u64)
-        });
+        let waiters = self.waiters().len() as u64;
         let lines = self.ebpf.map(MAP_LINES).and_then(|m| {
             aya::maps::HashMap::<_, LineKey, shaper_common::line::Calendar>::try_from(m)
                 .ok()
@@ -474,7 +470,7 @@ impl Dataplane {
                 u64::from(c.prefixes),
             ),
             (MAP_GROUPS, groups, u64::from(c.groups)),
-            (MAP_WAITERS, waiters.unwrap_or(0), u64::from(c.waiters)),
+            (MAP_WAITERS, waiters, u64::from(c.waiters)),
             (MAP_LINES, lines.unwrap_or(0), u64::from(c.lines)),
         ]
     }
@@ -494,6 +490,33 @@ impl Dataplane {
         Ok(c)
     }
 
+    /// Every entry of the waiters' table (empty if it cannot be read), in a few system
+    /// calls: a scrape reads it whole, and it holds up to 65,536 clients.
+    fn waiters(&self) -> Vec<(shaper_common::maps::WaitKey, shaper_common::maps::Waiter)> {
+        use shaper_common::maps::{MAP_WAITERS, WaitKey, Waiter};
+        use std::os::fd::AsFd as _;
+        let Some(Map::LruHashMap(m)) = self.ebpf.map(MAP_WAITERS) else {
+            return Vec::new();
+        };
+        let (ks, vs) = (size_of::<WaitKey>(), size_of::<Waiter>());
+        let Ok((keys, values)) = crate::bpfsys::hash_map_entries(m.fd().as_fd(), ks, vs) else {
+            return Vec::new();
+        };
+        keys.chunks_exact(ks)
+            .zip(values.chunks_exact(vs))
+            .map(|(k, v)| {
+                // SAFETY: each chunk is one whole key or value of these plain-integer
+                // `repr(C)` types, copied by the kernel; read unaligned from the buffer.
+                unsafe {
+                    (
+                        std::ptr::read_unaligned(k.as_ptr().cast::<WaitKey>()),
+                        std::ptr::read_unaligned(v.as_ptr().cast::<Waiter>()),
+                    )
+                }
+            })
+            .collect()
+    }
+
     /// The clients waiting in the `defer` lines now. A place whose `max_wait` has
     /// passed (`max_wait_ns` of its rule id; `None`: not a rule in force) is released
     /// here: its entry is deleted and counted under its rule. A client that gave up
@@ -505,24 +528,19 @@ impl Dataplane {
         use shaper_common::maps::{MAP_WAITERS, WaitKey, Waiter};
         let mut live = Vec::new();
         let mut expired = Vec::new();
-        if let Some(m) = self.ebpf.map(MAP_WAITERS)
-            && let Ok(h) = aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)
-        {
-            // An entry that goes between the key and its lookup is skipped.
-            for (key, w) in h.iter().flatten() {
-                let Some(max_wait) = max_wait_ns(w.rule_id) else {
-                    continue;
-                };
-                let first_seen_ns = w.knocks.first_seen_ns;
-                if now.saturating_sub(first_seen_ns) > max_wait {
-                    expired.push((key, w.rule_id));
-                } else {
-                    live.push(Waiting {
-                        key,
-                        rule_id: w.rule_id,
-                        first_seen_ns,
-                    });
-                }
+        for (key, w) in self.waiters() {
+            let Some(max_wait) = max_wait_ns(w.rule_id) else {
+                continue;
+            };
+            let first_seen_ns = w.knocks.first_seen_ns;
+            if now.saturating_sub(first_seen_ns) > max_wait {
+                expired.push((key, w.rule_id));
+            } else {
+                live.push(Waiting {
+                    key,
+                    rule_id: w.rule_id,
+                    first_seen_ns,
+                });
             }
         }
         if !expired.is_empty()

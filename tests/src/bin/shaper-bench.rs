@@ -2,7 +2,7 @@
 //! against a bare XDP_PASS program measured in the same run.
 //!
 //! `cargo xtask bench scrape [--quick]`: `/metrics` of a real daemon at 10, 1,000 and
-//! 4,095 rules, scrape time and size.
+//! 4,095 rules, and with its waiters' table full: scrape time and size.
 //!
 //! `cargo xtask bench storm [--quick]`: the line's sweep (`shaper_tests::sweep`), real
 //! kernel clients of four stacks through `drop` and `defer`, with and without a spoofed
@@ -147,29 +147,43 @@ fn main() -> Result<()> {
 
 /// `/metrics` of a real daemon in a testbed at 10, 1,000 and 4,095 rules (the data
 /// plane holds 4,096 today): how long a scrape takes (the collector reads every rule's
-/// per-CPU counters then) and how big it is. `--quick`: 10 rules, a few scrapes.
+/// per-CPU counters then) and how big it is; then 10 rules with the waiters' table full
+/// (65,536 clients waiting in a `defer` line: each scrape walks them). `--quick`: 10
+/// rules, a few scrapes.
 fn scrape(quick: bool) -> Result<()> {
     use shaper_tests::{
         netns::Daemon,
         testbed::{SERVER_DEV, Testbed},
     };
-    let sizes: &[usize] = if quick { &[10] } else { &[10, 1_000, 4_094] };
+    let cases: &[(usize, bool)] = if quick {
+        &[(10, false), (10, true)]
+    } else {
+        &[(10, false), (1_000, false), (4_094, false), (10, true)]
+    };
     let rounds = if quick { 3 } else { 21 };
-    println!("| rules | scrape, median of {rounds} | fastest | size | size per rule |");
-    println!("|---:|---:|---:|---:|---:|");
-    for &n in sizes {
+    println!(
+        "| rules | clients waiting | scrape, median of {rounds} | fastest | size | size per rule |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &(n, line) in cases {
         let bed = Testbed::new(&[])?;
         let mut policy: String = (0..n)
             .map(|i| {
                 format!(
-                    "[[rule]]\nname = \"r{i}\"\nprefix = \"10.{}.{}.0/24\"\nrate = 1\n",
+                    "[[rule]]\nname = \"r{i}\"\nprefix = \"10.{}.{}.0/24\"\nrate = 1\naction = \"{}\"\n",
                     i / 256,
-                    i % 256
+                    i % 256,
+                    if i == 0 { "defer" } else { "drop" },
                 )
             })
             .collect();
         policy.push_str("[[rule]]\nname = \"v6\"\nprefix = \"::/0\"\nrate = 100\n");
-        let _daemon = Daemon::start(&bed.srv, SERVER_DEV, &policy, &[])?;
+        let daemon = Daemon::start(&bed.srv, SERVER_DEV, &policy, &[])?;
+        let waiting = if line {
+            fill_line(&daemon.pin_dir())?
+        } else {
+            0
+        };
         let mut times = Vec::new();
         let mut size = 0;
         for _ in 0..rounds {
@@ -181,7 +195,7 @@ fn scrape(quick: bool) -> Result<()> {
         times.sort();
         let rules = n + 1;
         println!(
-            "| {rules} | {:.1} ms | {:.1} ms | {:.0} KiB | {} B |",
+            "| {rules} | {waiting} | {:.1} ms | {:.1} ms | {:.0} KiB | {} B |",
             times[times.len() / 2].as_secs_f64() * 1e3,
             times[0].as_secs_f64() * 1e3,
             size as f64 / 1024.0,
@@ -189,6 +203,37 @@ fn scrape(quick: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Fill the pinned waiters' table of a daemon with clients of its first rule (a
+/// `defer` rule, id 0), all first seen now; returns how many it holds.
+fn fill_line(pins: &std::path::Path) -> Result<usize> {
+    use shaper_common::{
+        knocks::Knocks,
+        maps::{MAP_WAITERS, MAX_WAITERS, WaitKey, Waiter, family},
+    };
+    let data = aya::maps::MapData::from_pin(pins.join(MAP_WAITERS))?;
+    let mut waiters: aya::maps::HashMap<_, WaitKey, Waiter> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+    let now = shaper::clock::monotonic_ns();
+    for i in 0..MAX_WAITERS {
+        let [_, _, c, d] = i.to_be_bytes();
+        let key = WaitKey {
+            src: [10, 0, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 40_000,
+            dport: 443,
+            family: family::V4,
+            _pad: [0; 3],
+        };
+        let w = Waiter {
+            isn: i,
+            rule_id: 0,
+            knocks: Knocks::proof(now, now),
+        };
+        waiters.insert(key, w, 0)?;
+    }
+    Ok(waiters.keys().count())
 }
 
 /// The line's sweep. `--quick`: three points, one storm each, no flood: it runs every
