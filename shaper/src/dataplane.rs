@@ -40,6 +40,15 @@ pub struct Dataplane {
     released: std::collections::HashMap<u32, u64>,
 }
 
+/// The `defer` lines of one data plane now: see [`Dataplane::line`].
+#[derive(Clone, Debug, Default)]
+pub struct Line {
+    /// The clients waiting (places within their rule's `max_wait`).
+    pub waiting: Vec<Waiting>,
+    /// Entries left in the waiters' table (the fill gauge's count).
+    pub entries: u64,
+}
+
 /// A client waiting in a `defer` line now.
 #[derive(Clone, Copy, Debug)]
 pub struct Waiting {
@@ -427,8 +436,9 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters.
-    pub fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
+    /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters
+    /// (`waiters`: their count if the caller just read the table, [`Line::entries`]).
+    pub fn fill_levels(&self, waiters: Option<u64>) -> Vec<(&'static str, u64, u64)> {
         use shaper_common::maps::{LineKey, MAP_GROUPS, MAP_LINES, MAP_WAITERS};
         // Slots holding a group (or probe entry): their tags, one word each.
         let groups = MapMemory::new(&self.ebpf, MAP_GROUPS).map_or(0, |m| {
@@ -439,7 +449,7 @@ impl Dataplane {
                 })
                 .count() as u64
         });
-        let waiters = self.waiters().len() as u64;
+        let waiters = waiters.unwrap_or_else(|| self.waiters().len() as u64);
         let lines = self.ebpf.map(MAP_LINES).and_then(|m| {
             aya::maps::HashMap::<_, LineKey, shaper_common::line::Calendar>::try_from(m)
                 .ok()
@@ -524,11 +534,13 @@ impl Dataplane {
     /// evicts it, and nobody would count it. (A client that does knock after its
     /// `max_wait` finds no place and gets what `drop` would give it, as it would with
     /// its place released at that knock.)
-    pub fn line(&mut self, now: u64, max_wait_ns: impl Fn(u32) -> Option<u64>) -> Vec<Waiting> {
+    pub fn line(&mut self, now: u64, max_wait_ns: impl Fn(u32) -> Option<u64>) -> Line {
         use shaper_common::maps::{MAP_WAITERS, WaitKey, Waiter};
         let mut live = Vec::new();
         let mut expired = Vec::new();
-        for (key, w) in self.waiters() {
+        let all = self.waiters();
+        let mut entries = all.len() as u64;
+        for (key, w) in all {
             let Some(max_wait) = max_wait_ns(w.rule_id) else {
                 continue;
             };
@@ -551,10 +563,14 @@ impl Dataplane {
                 // Gone already: the client got in or knocked meanwhile.
                 if h.remove(&key).is_ok() {
                     *self.released.entry(rule_id).or_default() += 1;
+                    entries = entries.saturating_sub(1);
                 }
             }
         }
-        live
+        Line {
+            waiting: live,
+            entries,
+        }
     }
 }
 

@@ -116,7 +116,8 @@ fn a_knock_after_max_wait_releases_the_place_and_the_group_counts_its_syns() {
     assert_eq!(verdict(&mut h, &syn(2, 9)), XDP_DROP);
     let now = shaper::clock::monotonic_ns();
     let live = h.dp.line(now, |_| Some(1_000_000_000));
-    assert_eq!(live.len(), 1, "one client waits");
+    assert_eq!(live.waiting.len(), 1, "one client waits");
+    assert_eq!(live.entries, 1);
     assert_eq!(h.rule("line").expect("counters").released, 0);
     sleep(Duration::from_millis(1200));
     // Its knock after `max_wait`: the place is released (and, with no budget, the
@@ -137,7 +138,10 @@ fn a_knock_after_max_wait_releases_the_place_and_the_group_counts_its_syns() {
 
 #[test]
 fn the_daemon_releases_places_past_max_wait_once() {
-    let policy = POLICY.replace("rate = 1\n", "rate = \"1/h\"\nmax_wait = \"1s\"\n");
+    // Room in line for the three clients below.
+    let policy = POLICY
+        .replace("rate = 1\n", "rate = \"1/h\"\nmax_wait = \"1s\"\n")
+        .replace("max_waiting = 2", "max_waiting = 8");
     let mut h = Harness::new(&policy).expect("BPF is required");
     let id = h.rule_id("line");
     assert_eq!(verdict(&mut h, &syn(1, 1)), XDP_PASS);
@@ -146,20 +150,26 @@ fn the_daemon_releases_places_past_max_wait_once() {
         assert_eq!(verdict(&mut h, &syn(c, 9)), XDP_DROP);
     }
     let max_wait = |rule| (rule == id).then_some(1_000_000_000);
-    assert_eq!(h.dp.line(shaper::clock::monotonic_ns(), max_wait).len(), 2);
+    assert_eq!(
+        h.dp.line(shaper::clock::monotonic_ns(), max_wait)
+            .waiting
+            .len(),
+        2
+    );
     sleep(Duration::from_millis(1200));
     // Both gave up (no knock since): their places are released once, by the walk.
     let now = shaper::clock::monotonic_ns();
-    assert!(h.dp.line(now, max_wait).is_empty());
-    assert!(h.dp.line(now, max_wait).is_empty());
+    let first = h.dp.line(now, max_wait);
+    assert!(first.waiting.is_empty());
+    assert_eq!(first.entries, 0, "both places deleted");
+    assert!(h.dp.line(now, max_wait).waiting.is_empty());
     assert_eq!(h.rule("line").expect("counters").released, 2);
     // A rule id not in force is left alone.
     assert_eq!(verdict(&mut h, &syn(4, 9)), XDP_DROP);
     assert_eq!(verdict(&mut h, &syn(4, 9)), XDP_DROP);
     sleep(Duration::from_millis(1200));
-    assert!(
-        h.dp.line(shaper::clock::monotonic_ns(), |_| None)
-            .is_empty()
-    );
+    let other = h.dp.line(shaper::clock::monotonic_ns(), |_| None);
+    assert!(other.waiting.is_empty());
+    assert_eq!(other.entries, 1, "its place is kept");
     assert_eq!(h.rule("line").expect("counters").released, 2);
 }

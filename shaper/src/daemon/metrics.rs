@@ -239,9 +239,9 @@ impl Collector for Scrape {
         let mut attach = Vec::new();
         let mut attached = Vec::new();
         let mut line = Vec::new();
-        for (i, waiting) in s.ifaces.iter().zip(&lines) {
+        for (i, line_now) in s.ifaces.iter().zip(&lines) {
             let iface = i.att.iface.as_str();
-            let by_rule = super::report::line_by_rule(waiting);
+            let by_rule = super::report::line_by_rule(&line_now.waiting);
             // What the kernel runs there now (one netlink request): whether it is still
             // our program (a detach by another tool shows here first), and its mode.
             let kernel = crate::attach::ifindex(iface)
@@ -280,7 +280,7 @@ impl Collector for Scrape {
                     reasons.push((r.name(), iface, n));
                 }
             }
-            for (map, entries, capacity) in i.dp.fill_levels() {
+            for (map, entries, capacity) in i.dp.fill_levels(Some(line_now.entries)) {
                 fill.push((map, iface, entries, capacity));
             }
         }

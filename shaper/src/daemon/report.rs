@@ -10,7 +10,7 @@ use shaper_common::{
 use super::state::State;
 use crate::{
     attach,
-    dataplane::Waiting,
+    dataplane::{Line, Waiting},
     protocol::{self, IfaceStatus, MapFill, RuleStatsView, Stats, Status, TopGroup},
 };
 
@@ -39,7 +39,7 @@ pub fn status(s: &State) -> Status {
                 pin_dir: i.dir.display().to_string(),
                 maps: i
                     .dp
-                    .fill_levels()
+                    .fill_levels(None)
                     .into_iter()
                     .map(|(name, entries, capacity)| MapFill {
                         name: name.to_string(),
@@ -55,7 +55,7 @@ pub fn status(s: &State) -> Status {
 /// The clients waiting in each interface's lines now (in the order of `s.ifaces`);
 /// places past their rule's `max_wait` are released on the way
 /// ([`crate::dataplane::Dataplane::line`]).
-pub fn line(s: &mut State) -> Vec<Vec<Waiting>> {
+pub fn line(s: &mut State) -> Vec<Line> {
     let now = crate::clock::monotonic_ns();
     let max_wait: HashMap<u32, u64> = s
         .ids
@@ -91,35 +91,31 @@ pub fn line_by_rule(waiting: &[Waiting]) -> HashMap<u32, (u64, u64)> {
 pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
     let lines = line(s);
     let now = crate::clock::monotonic_ns();
+    let rules: HashMap<u32, &crate::policy::Rule> =
+        s.ids.iter().copied().zip(&s.policy.rules).collect();
     let mut out = Vec::new();
-    for (i, waiting) in s.ifaces.iter().zip(&lines) {
+    for (i, line) in s.ifaces.iter().zip(&lines) {
         // Per group (the client's address masked to its rule's group length): clients
         // waiting and the oldest first-seen time.
         let mut groups: HashMap<(u32, [u8; 16]), (u32, u64)> = HashMap::new();
-        for w in waiting {
-            let Some(rule) = s
-                .ids
-                .iter()
-                .position(|id| *id == w.rule_id)
-                .and_then(|pos| s.policy.rules.get(pos))
-            else {
+        for w in &line.waiting {
+            let Some(rule) = rules.get(&w.rule_id) else {
                 continue;
             };
-            let bytes = if w.key.family == shaper_common::maps::family::V4 {
-                4
+            let addr = if w.key.family == shaper_common::maps::family::V4 {
+                let [a, b, c, d, ..] = w.key.src;
+                let mut k = [0u8; 16];
+                k[..4].copy_from_slice(&shaper_common::group_v4([a, b, c, d], rule.group));
+                k
             } else {
-                16
+                shaper_common::group_v6(w.key.src, rule.group)
             };
-            let addr = mask(&w.key.src, rule.group, bytes);
             let e = groups.entry((w.rule_id, addr)).or_insert((0, u64::MAX));
             e.0 += 1;
             e.1 = e.1.min(w.first_seen_ns);
         }
         for (key, st) in i.dp.groups() {
-            let Some(pos) = s.ids.iter().position(|id| *id == st.rule_id) else {
-                continue;
-            };
-            let Some(rule) = s.policy.rules.get(pos) else {
+            let Some(rule) = rules.get(&st.rule_id) else {
                 continue;
             };
             if only.is_some_and(|name| name != rule.name) {
@@ -177,25 +173,10 @@ pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
     out
 }
 
-/// `bytes` leading bytes of `addr` masked to `len` bits (the rest zero).
-fn mask(addr: &[u8; 16], len: u8, bytes: usize) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let mut left = u32::from(len);
-    for (o, a) in out.iter_mut().zip(addr).take(bytes) {
-        let keep = left.min(8);
-        *o = if keep == 0 {
-            0
-        } else {
-            a & (0xffu8 << (8 - keep))
-        };
-        left -= keep;
-    }
-    out
-}
-
 pub fn stats(s: &mut State) -> Stats {
     let lines = line(s);
-    let waiting: Vec<HashMap<u32, (u64, u64)>> = lines.iter().map(|w| line_by_rule(w)).collect();
+    let waiting: Vec<HashMap<u32, (u64, u64)>> =
+        lines.iter().map(|l| line_by_rule(&l.waiting)).collect();
     let mut out = Stats::default();
     for (pos, rule) in s.policy.rules.iter().enumerate() {
         let Some(&id) = s.ids.get(pos) else { continue };
