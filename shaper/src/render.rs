@@ -1,5 +1,7 @@
 //! Human output of `shaper status`, `stats` and `top`: plain aligned tables.
 
+use std::collections::HashMap;
+
 use shaper::protocol::{Response, RuleStatsView, Stats, TopGroup};
 use shaper_common::Outcome;
 
@@ -115,12 +117,14 @@ pub fn stats_rates(prev: &Response, cur: &Response, secs: f64) -> String {
     };
     let secs = secs.max(1e-3);
     let rate = |now: u64, then: u64| format!("{:.1}", now.saturating_sub(then) as f64 / secs);
+    let before: HashMap<&str, &RuleStatsView> =
+        p.rules.iter().map(|r| (r.name.as_str(), r)).collect();
     let tables = stats_tables(
         c,
         "/S",
         |x, o| {
-            let before = p.rules.iter().find(|r| r.name == x.name);
-            rate(x.get(o), before.map_or(0, |b| b.get(o)))
+            let then = before.get(x.name.as_str()).map_or(0, |b| b.get(o));
+            rate(x.get(o), then)
         },
         |reason, n| rate(n, p.global.get(reason).copied().unwrap_or(0)),
     );
@@ -175,14 +179,17 @@ pub const TOP_HEADER: [&str; 10] = [
 /// before; `-` for a group that was not there or without a previous sample), its line
 /// and its budget.
 pub fn top_rows(prev: Option<(&[TopGroup], f64)>, cur: &[TopGroup]) -> Vec<Vec<String>> {
+    let (then, dt) = prev.unwrap_or((&[], 0.0));
+    let then: HashMap<(&str, &str, &str), &TopGroup> = then
+        .iter()
+        .map(|o| ((o.iface.as_str(), o.rule.as_str(), o.group.as_str()), o))
+        .collect();
     cur.iter()
         .map(|g| {
-            let before = prev.and_then(|(p, dt)| {
-                p.iter()
-                    .find(|o| o.iface == g.iface && o.rule == g.rule && o.group == g.group)
-                    .map(|o| (o, dt))
-                    .filter(|(_, dt)| *dt > 0.0)
-            });
+            let before = then
+                .get(&(g.iface.as_str(), g.rule.as_str(), g.group.as_str()))
+                .map(|o| (*o, dt))
+                .filter(|(_, dt)| *dt > 0.0);
             let rate = |now: u32, then: fn(&TopGroup) -> u32| {
                 before.map_or("-".to_string(), |(o, dt)| {
                     format!("{:.1}", f64::from(now.wrapping_sub(then(o))) / dt)
