@@ -177,10 +177,26 @@ pub fn ifindex(iface: &str) -> Result<u32> {
     }
 }
 
+/// What the kernel runs on `iface` (one netlink request): the XDP program's id and
+/// mode; `None` if nothing, or if it cannot be asked.
+pub fn kernel_xdp(iface: &str) -> Option<netlink::XdpState> {
+    netlink::xdp(ifindex(iface).ok()?).ok().flatten()
+}
+
 /// The mode the kernel reports for the XDP program on `iface` (over netlink).
 pub fn kernel_mode(iface: &str) -> Option<Attached> {
-    let index = ifindex(iface).ok()?;
-    netlink::xdp(index).ok().flatten().and_then(|x| x.mode)
+    kernel_xdp(iface).and_then(|x| x.mode)
+}
+
+impl Attachment {
+    /// The mode in use as the log, `status` and the metrics say it: the one attached
+    /// with, else the one the kernel reports (`kernel`, asked only then), else
+    /// `unknown`.
+    pub fn mode_name(&self, kernel: impl FnOnce() -> Option<Attached>) -> String {
+        self.mode
+            .or_else(kernel)
+            .map_or("unknown".to_string(), |m| m.to_string())
+    }
 }
 
 /// A description of the XDP program another tool attached (its id, from the kernel).

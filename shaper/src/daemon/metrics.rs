@@ -244,15 +244,9 @@ impl Collector for Scrape {
             let by_rule = super::report::line_by_rule(&line_now.waiting);
             // What the kernel runs there now (one netlink request): whether it is still
             // our program (a detach by another tool shows here first), and its mode.
-            let kernel = crate::attach::ifindex(iface)
-                .ok()
-                .and_then(|x| crate::netlink::xdp(x).ok().flatten());
+            let kernel = crate::attach::kernel_xdp(iface);
             let ours = kernel.is_some_and(|x| x.prog_id == i.att.prog_id);
-            let mode = i
-                .att
-                .mode
-                .or(kernel.and_then(|x| x.mode))
-                .map_or("unknown".to_string(), |m| m.to_string());
+            let mode = i.att.mode_name(|| kernel.and_then(|x| x.mode));
             attached.push((iface, i64::from(ours)));
             attach.push((iface, mode, i.att.prog_id.to_string()));
             for (pos, rule) in s.policy.rules.iter().enumerate() {

@@ -105,7 +105,7 @@ pub fn run(cfg: Config) -> Result<()> {
             let att = attach::attach_pinned(dp.program()?, &iface, cfg.mode, &dir, cfg.replace)?;
             tracing::info!(
                 iface,
-                mode = att.mode.map_or("unknown".to_string(), |m| m.to_string()),
+                mode = att.mode_name(|| None),
                 prog_id = att.prog_id,
                 link_id = att.link_id,
                 verified_insns = verified.unwrap_or(0),

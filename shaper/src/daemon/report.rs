@@ -28,11 +28,7 @@ pub fn status(s: &State) -> Status {
             .iter()
             .map(|i| IfaceStatus {
                 iface: i.att.iface.clone(),
-                mode: i
-                    .att
-                    .mode
-                    .or_else(|| attach::kernel_mode(&i.att.iface))
-                    .map_or("unknown".to_string(), |m| m.to_string()),
+                mode: i.att.mode_name(|| attach::kernel_mode(&i.att.iface)),
                 prog_id: i.att.prog_id,
                 link_id: i.att.link_id,
                 adopted: i.att.adopted,
