@@ -78,20 +78,8 @@ pub fn crowd_bin() -> Result<PathBuf> {
     }
 }
 
-/// CLOCK_MONOTONIC in ns (what `Instant` reads on Linux, as a number another process
-/// can share).
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn to_mono(i: Instant) -> u64 {
-    let (now, m) = (Instant::now(), mono_ns());
+    let (now, m) = (Instant::now(), shaper::clock::monotonic_ns());
     match i.checked_duration_since(now) {
         Some(ahead) => m + ahead.as_nanos() as u64,
         None => m.saturating_sub((now - i).as_nanos() as u64),
@@ -99,7 +87,7 @@ fn to_mono(i: Instant) -> u64 {
 }
 
 fn from_mono(ns: u64) -> Instant {
-    let (now, m) = (Instant::now(), mono_ns());
+    let (now, m) = (Instant::now(), shaper::clock::monotonic_ns());
     if ns >= m {
         now + Duration::from_nanos(ns - m)
     } else {

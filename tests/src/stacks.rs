@@ -156,23 +156,6 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The kernel's tick in ns (jiffies move once per tick).
-fn tick_ns() -> Result<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write.
-    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("clock_getres");
-    }
-    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    if ns == 0 {
-        bail!("the coarse clock reports a zero resolution");
-    }
-    Ok(ns)
-}
-
 /// The netns cookie of namespace `ns` (SO_NETNS_COOKIE of a socket made inside it).
 fn netns_cookie(ns: &Netns) -> Result<u64> {
     ns.run_in(|| -> Result<u64> {
@@ -211,7 +194,10 @@ fn cgroup2_root() -> Result<PathBuf> {
 impl InitialRto {
     /// Attach a program giving sockets of `ns` an initial SYN timeout of `ms`.
     pub fn attach(ns: &Netns, ms: u64) -> Result<InitialRto> {
-        let jiffies = i32::try_from(ms * 1_000_000 / tick_ns()?)?;
+        let jiffies = i32::try_from(
+            ms * 1_000_000
+                / shaper::clock::tick_ns().context("the coarse clock reports no resolution")?,
+        )?;
         let cookie = netns_cookie(ns)?;
         let code = program(cookie, jiffies);
         let license = c"GPL";
