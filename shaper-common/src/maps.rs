@@ -264,12 +264,13 @@ pub struct GroupCounts {
 
 impl GroupCounts {
     /// The counter an outcome goes to (none for `protected`, which has no group).
-    pub const fn index(outcome: crate::Outcome) -> Option<usize> {
+    #[inline(always)]
+    pub fn of(&mut self, outcome: crate::Outcome) -> Option<&mut u32> {
         use crate::Outcome as O;
         match outcome {
-            O::Admitted | O::AdmittedAfterWait => Some(0),
-            O::Dropped | O::WouldDrop => Some(1),
-            O::Deferred | O::QueueFull => Some(2),
+            O::Admitted | O::AdmittedAfterWait => Some(&mut self.admitted),
+            O::Dropped | O::WouldDrop => Some(&mut self.dropped),
+            O::Deferred | O::QueueFull => Some(&mut self.deferred),
             O::Protected => None,
         }
     }

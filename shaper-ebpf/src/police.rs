@@ -144,16 +144,10 @@ pub fn police(ctx: &XdpContext, attempt: &Attempt) -> Reason {
 /// [`GroupCounts`]).
 #[inline(always)]
 pub(crate) fn count_group(group: *mut GroupState, outcome: Outcome) {
-    if let Some(i) = GroupCounts::index(outcome) {
-        // SAFETY: a live GROUPS value; the counters are words of their own, and a race
-        // between CPUs only loses a count.
-        unsafe {
-            let p = (&raw mut (*group).counts).cast::<u32>();
-            if i < 3 {
-                let c = p.add(i);
-                c.write_volatile(c.read_volatile().wrapping_add(1));
-            }
-        }
+    // SAFETY: a live GROUPS value; the counters are words of their own, and a race
+    // between CPUs only loses a count.
+    if let Some(c) = unsafe { (*group).counts.of(outcome) } {
+        *c = c.wrapping_add(1);
     }
 }
 
