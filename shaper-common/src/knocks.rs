@@ -29,33 +29,50 @@ const ONE_MAX_NS: u64 = 1_500_000_000;
 /// A first gap this long or more is a stack with a 3-s initial timeout (Windows): its
 /// second gap is twice that, and its third SYN is its last.
 const SLOW_FIRST_NS: u64 = 2_500_000_000;
+/// The initial timeout of such a stack (Windows', and RFC 2988's).
+const SLOW_INITIAL_NS: u64 = 3 * S;
 /// Linux 6.x sends five SYNs one second apart after the first.
 const LINEAR_GAPS: u8 = 5;
 /// After a gap of about 32 s, no stack knocks again (Linux gives up 64 s later).
 const LAST_GAP_NS: u64 = 24 * S;
 
-/// How late a retransmission timer of `gap_ns` typically fires, in ns. The timer
-/// wheel rounds an expiry up to a granularity that grows with the timeout (Linux,
-/// HZ=250: 32 ms up to about 2 s, 256 ms up to about 16 s, 2 s beyond), and a
-/// retransmission's gap also loses the lateness of the knock before it. These are the
-/// median lateness per gap measured in end-to-end storms of real kernel clients.
-/// Predicting the typical time rather than the earliest matters with a small burst:
-/// the budget overflows within a fraction of a second, and a client expected at its
-/// earliest time but coming 200 ms later would hold back a token that overflows
-/// before it arrives.
+/// How late a retransmission timer of `gap_ns` typically fires, in ns, on Linux at
+/// HZ=250 (Debian's and Ubuntu's kernels). Linux's timer wheel files a timer in a
+/// level chosen by its timeout, each level 8 times as coarse as the one before (4 ms,
+/// 32 ms, 256 ms, 2 s at HZ=250), and fires it at the first boundary of that level
+/// after its expiry. A retransmission is sent from the timer, on a boundary of the
+/// level its own timeout used, so most gaps come out the same every time:
+///
+/// | gap | fires at | late by |
+/// |---|---|---|
+/// | 1 s after a knock | 1.024 s | 24 ms (4–32 ms after the first SYN) |
+/// | 2 s | 2.016 s | 16 ms |
+/// | 4 s | 4.032–4.256 s | 32–256 ms, depending on the jiffy |
+/// | 6 s (Windows' second) | 6.144 s | 144 ms |
+/// | 8 s | 8.192 s | 192 ms |
+/// | 16 s | 16.128 s | 128 ms |
+/// | 32 s | 32.256–34.048 s | 256 ms to 2 s |
+///
+/// These match the SYNs captured from real kernel clients in the end-to-end storms;
+/// where the lateness depends on the jiffy, the middle of its range. Predicting the
+/// typical time rather than the earliest matters with a small burst: the budget
+/// overflows within a fraction of a second, and a client expected at its earliest time
+/// but coming 200 ms later would hold back a token that overflows before it arrives.
 #[inline(always)]
 pub const fn typical_late_ns(gap_ns: u64) -> u64 {
     const MS: u64 = 1_000_000;
-    if gap_ns < 5 * S / 2 {
-        15 * MS
-    } else if gap_ns < 11 * S / 2 {
-        100 * MS
-    } else if gap_ns < 31 * S / 2 {
-        220 * MS
-    } else if gap_ns < 63 * S / 2 {
-        50 * MS
+    if gap_ns < 3 * S / 2 {
+        24 * MS
+    } else if gap_ns < 5 * S / 2 {
+        16 * MS
+    } else if gap_ns < 7 * S {
+        144 * MS
+    } else if gap_ns < 12 * S {
+        192 * MS
+    } else if gap_ns < 24 * S {
+        128 * MS
     } else {
-        800 * MS
+        1152 * MS
     }
 }
 
@@ -189,10 +206,11 @@ impl Knocks {
     pub const fn next(&self) -> Next {
         let last = self.last_ns();
         match self.kind {
-            // Twice the first gap as measured: that already holds twice its
-            // lateness, about what a gap of twice the length is typically late by.
+            // Its 3-s timer doubled, late as a 6-s timer is (not twice the first gap
+            // as measured: that doubles the first timer's lateness, which depends on
+            // the jiffy the first SYN was sent in).
             kind::SLOW => Next {
-                at: last.saturating_add((self.gap_ms as u64 * 1_000_000).saturating_mul(2)),
+                at: last.saturating_add(2 * SLOW_INITIAL_NS + typical_late_ns(2 * SLOW_INITIAL_NS)),
                 last: true,
             },
             kind::UNKNOWN => Next {

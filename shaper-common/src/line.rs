@@ -19,9 +19,12 @@
 //!    stack's schedule and written there), and the budget's state says when it will
 //!    be full (`tat`). So a younger knock leaves a token to an older client only when
 //!    that client will come for it in time; otherwise it takes it, and no budget is
-//!    lost while anyone knocks. A knock that is its client's last (Windows' third
-//!    SYN, Linux's after 32 s) takes the budget if there is any: that client will not
-//!    come back.
+//!    lost while anyone knocks. An older client expected a moment ago
+//!    ([`STILL_EXPECTED_NS`]) and not come yet still counts: timers that fire in one
+//!    tick send their SYNs microseconds apart. A knock that is its client's last
+//!    (Windows' third SYN, Linux's after 32 s) also takes a token while the budget is
+//!    within an eighth of its depth of full, whoever is expected: that client will not
+//!    come back, and the older ones lose at most a fraction of one token's wait.
 //!
 //! Every admission goes through the group's budget ([`crate::admit`]): the line orders
 //! who gets the budget, it never adds to it.
@@ -78,6 +81,9 @@ pub const NEAR_SHIFT: u32 = 25;
 /// slots at 0.69).
 pub const FAR_SLOTS: usize = 1024;
 pub const FAR_SHIFT: u32 = 26;
+/// A knock expected this long ago that has not come yet is still expected: timers of
+/// one tick fire together, and a prediction is good to a millisecond.
+pub const STILL_EXPECTED_NS: u64 = 8_000_000;
 /// A first-seen time in an entry: 2^[`AGE_SHIFT`] ns units (16.8 ms), 24 bits (ages
 /// up to 39 hours compare right).
 const AGE_SHIFT: u32 = 24;
@@ -192,29 +198,29 @@ impl<const N: usize> Round for Clear<'_, N> {
     }
 }
 
-/// Looks for a client older than `first_seen_ns` expected in (`now`, `until`], from
-/// slot `first` on.
+/// Counts down `left` for each client older than `first_seen_ns` expected in (`now`,
+/// `until`], from the slot of `now` on, and stops at 0. (As few fields as it needs:
+/// the XDP program's calendar call keeps two on its frame.)
 struct Find<'a, const N: usize> {
     slots: &'a [u32; N],
-    first: u64,
     now: u64,
     until: u64,
     first_seen_ns: u64,
     shift: u32,
-    found: bool,
+    left: u32,
 }
 
 impl<const N: usize> Round for Find<'_, N> {
     #[inline(always)]
     fn round(&mut self, i: u32) -> bool {
-        let slot = self.first + u64::from(i);
+        let slot = (self.now >> self.shift) + u64::from(i);
         if let Some(&e) = self.slots.get((slot as usize) & (N - 1))
             && e != 0
         {
             let at = (slot << self.shift) | (u64::from(e & 0xff) << (self.shift - 8));
             if at > self.now && at <= self.until && older(e, self.first_seen_ns, self.now) {
-                self.found = true;
-                return false;
+                self.left = self.left.saturating_sub(1);
+                return self.left != 0;
             }
         }
         true
@@ -285,9 +291,16 @@ impl<const N: usize> Ring<'_, N> {
         }
     }
 
-    /// Is a client older than `first_seen_ns` expected to knock in (`now`, `until`]?
+    /// `left` less the clients older than `first_seen_ns` expected to knock in (`now`,
+    /// `until`], down to 0.
     #[inline(always)]
-    fn older_expected<R: Repeat>(&self, now: u64, until: u64, first_seen_ns: u64) -> bool {
+    fn older_expected<R: Repeat>(
+        &self,
+        now: u64,
+        until: u64,
+        first_seen_ns: u64,
+        left: u32,
+    ) -> u32 {
         let first = now >> self.shift;
         let last = until >> self.shift;
         let n = if last - first < N as u64 {
@@ -297,15 +310,14 @@ impl<const N: usize> Ring<'_, N> {
         };
         let mut find = Find {
             slots: &*self.slots,
-            first,
             now,
             until,
             first_seen_ns,
             shift: self.shift,
-            found: false,
+            left,
         };
         R::repeat(n, &mut find);
-        find.found
+        find.left
     }
 }
 
@@ -364,19 +376,26 @@ impl Calendar {
         far.forget(at, first_seen_ns);
     }
 
-    /// Is a client older than one first seen at `first_seen_ns` expected to knock
-    /// after `now` and no later than `until`? (A call of its own in the XDP program.)
+    /// Are at least `n` clients older than one first seen at `first_seen_ns` (at
+    /// least one) expected to knock after `now` and no later than `until`? (A call of
+    /// its own in the XDP program.)
     #[cfg_attr(target_arch = "bpf", inline(never))]
     #[cfg_attr(not(target_arch = "bpf"), inline(always))]
-    pub fn older_expected<R: Repeat>(&mut self, now: u64, until: u64, first_seen_ns: u64) -> bool {
+    pub fn older_expected<R: Repeat>(
+        &mut self,
+        now: u64,
+        until: u64,
+        first_seen_ns: u64,
+        n: u32,
+    ) -> bool {
         if until <= now {
             return false;
         }
         let (mut near, mut far) = self.rings();
         near.advance::<R>(now);
         far.advance::<R>(now);
-        near.older_expected::<R>(now, until, first_seen_ns)
-            || far.older_expected::<R>(now, until, first_seen_ns)
+        let left = near.older_expected::<R>(now, until, first_seen_ns, if n == 0 { 1 } else { n });
+        left == 0 || far.older_expected::<R>(now, until, first_seen_ns, left) == 0
     }
 }
 
@@ -385,6 +404,11 @@ pub trait LineBudget {
     /// When the group's budget will be full if nobody takes from it (its GCRA state);
     /// at or before now: it is full, and a refused admission is lost.
     fn full_at(&self) -> u64;
+    /// How far ahead of now `full_at` may run while one more admission is allowed
+    /// (`(burst − 1)` admissions' worth of time).
+    fn tolerance_ns(&self) -> u64;
+    /// The time one admission takes from the budget.
+    fn interval_ns(&self) -> u64;
     /// Take one admission (the group's budget, and the rule's ceiling).
     fn take(&self) -> Verdict;
 }
@@ -519,13 +543,30 @@ pub fn knock<R: Repeat>(
     }
     let ask = if congested {
         let full = budget.full_at();
-        // Full now: a refused token is lost. Its last knock: it will not come back.
-        // Else only an older client expected before the budget overflows waits it out.
+        // Admissions the budget has room for now: older clients expected in time keep
+        // a token only if they would need every one of them.
+        let room = (budget.tolerance_ns() + budget.interval_ns())
+            .saturating_sub(full.saturating_sub(now))
+            .checked_div(budget.interval_ns())
+            .unwrap_or(0);
+        let room = if room > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            room as u32
+        };
+        // Full now: a refused token is lost. Its last knock, and the budget nearly
+        // full: it will not come back. Else only an older client expected before the
+        // budget overflows waits it out.
         full <= now
-            || knocks.is_last()
-            || !calendar
-                .as_mut()
-                .is_some_and(|c| c.older_expected::<R>(now, full, first_seen_ns))
+            || (knocks.is_last() && full - now <= budget.tolerance_ns() / 8)
+            || !calendar.as_mut().is_some_and(|c| {
+                c.older_expected::<R>(
+                    now.saturating_sub(STILL_EXPECTED_NS),
+                    full,
+                    first_seen_ns,
+                    room,
+                )
+            })
     } else {
         true
     };

@@ -73,6 +73,16 @@ impl LineBudget for GroupBudget<'_> {
     }
 
     #[inline(always)]
+    fn tolerance_ns(&self) -> u64 {
+        self.rule.tolerance_ns
+    }
+
+    #[inline(always)]
+    fn interval_ns(&self) -> u64 {
+        self.rule.interval_ns
+    }
+
+    #[inline(always)]
     fn take(&self) -> Verdict {
         take_budget(self.rule, self.group, self.now)
     }

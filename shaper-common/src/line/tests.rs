@@ -39,22 +39,26 @@ impl Stack {
     }
 }
 
-/// How late a SYN retransmission after a gap of `gap_ns` came in the end-to-end storms
-/// (Linux 6.18, HZ=250, real kernel TCP; the 10th to 90th percentile of each gap's
-/// share of the clients' lateness), in ms: the timer wheel rounds an expiry up by a
-/// granularity that grows with the timeout, and a timer is late by most of it more
-/// often than not.
-fn measured_lateness_ms(gap_ns: u64) -> (u64, u64) {
-    match gap_ns / S {
-        0 | 1 => (4, 30),
-        2 => (5, 30),
-        3 => (17, 235),
-        4 | 5 => (60, 150),
-        6 | 7 => (100, 250),
-        8..=15 => (150, 350),
-        16..=31 => (0, 120),
-        _ => (300, 2000),
-    }
+/// A jiffy of the clients' kernel (HZ=250, as in the end-to-end storms).
+const TICK: u64 = 4_000_000;
+
+/// The jiffy at which a timer armed at jiffy `armed` for `delta` jiffies fires, as
+/// Linux's timer wheel makes it (kernel/time/timer.c, `calc_wheel_index`): the level
+/// is chosen by the delta (levels of 64 buckets, each 8 times as coarse as the one
+/// before), and the expiry is rounded up past the next bucket boundary of that level.
+/// So a retransmission after a 1-s gap comes 4 to 32 ms late (24 ms when the knock
+/// before it was itself a timer's), after 8 s 192 ms, after 16 s 128 ms, and after
+/// 4 s or 32 s anywhere within 256 ms or 2 s: the lateness captured from real kernel
+/// clients in the end-to-end storms.
+fn wheel_fires(armed: u64, delta: u64) -> u64 {
+    let shift = match delta {
+        0..63 => 0,
+        63..504 => 3,
+        504..4032 => 6,
+        4032..32256 => 9,
+        _ => 12,
+    };
+    (((armed + delta) >> shift) + 1) << shift
 }
 
 /// The budget as the line sees it, over the host's plain cell; remembers whether the
@@ -69,6 +73,12 @@ struct HostBudget<'a> {
 impl LineBudget for HostBudget<'_> {
     fn full_at(&self) -> u64 {
         self.tat.load()
+    }
+    fn tolerance_ns(&self) -> u64 {
+        self.budget.tolerance_ns
+    }
+    fn interval_ns(&self) -> u64 {
+        self.budget.interval_ns
     }
     fn take(&self) -> Verdict {
         self.asked.set(true);
@@ -307,16 +317,16 @@ fn clients(s: &Storm) -> Clients {
         arrival.push(at);
         stacks.push(k);
         let mut t = at;
+        let mut jiffy = at / TICK;
         events.push((t, i as u64));
         for w in offsets.windows(2) {
             let gap = (w[1] - w[0]) * S;
-            let late = if s.late {
-                let (lo, hi) = measured_lateness_ms(gap);
-                (lo + rng.below(hi - lo)) * 1_000_000
+            if s.late {
+                jiffy = wheel_fires(jiffy, gap / TICK);
+                t = jiffy * TICK;
             } else {
-                0
-            };
-            t += gap + late;
+                t += gap;
+            }
             events.push((t, i as u64));
         }
         give_up.push(at + limit * S);
@@ -495,28 +505,50 @@ fn full_line_refuses_to_remember_and_never_admits_extra() {
     assert_eq!(g.waiters.len(), 3);
 }
 
+/// A young proven client `id` whose first SYN was a second before `t`.
+fn probed(g: &mut Group, id: u64, t: u64) {
+    let h = probe_hash(&[id as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    g.probes[(h as usize) & ((1 << 20) - 1)] = (probe_tag(h), t - S);
+}
+
 #[test]
 fn a_token_waits_for_an_older_client_only_when_it_comes_in_time() {
-    // Rate 10/s, burst 5: the budget is full 0.4 s after a token is left.
-    let mut g = Group::new(10, 5, true);
+    // Rate 10/s, burst 3: at 20.0 s the budget has room for two and is full at 20.05 s.
+    let mut g = Group::new(10, 3, true);
     g.line.congested_until_ns = u64::MAX;
-    // An old client (first seen at 0) is expected at 20.2 s.
-    g.calendar.record::<super::Plain>(20 * S, 20 * S + S / 5, 0);
-    g.tat.0.set(20 * S + S / 10);
-    // A young proven client knocks at 20.0 s: the budget has room, and will be full at
-    // 20.1 s; the old client comes later: the token is the young one's.
-    g.probes = vec![(0, 0); 1 << 20];
-    let young = |g: &mut Group, id: u64, t: u64| {
-        let h = probe_hash(&[id as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        g.probes[(h as usize) & ((1 << 20) - 1)] = (probe_tag(h), t - S);
-    };
-    young(&mut g, 7, 20 * S);
+    // An old client (first seen at 0) is expected at 20.12 s.
+    g.calendar
+        .record::<super::Plain>(20 * S, 20 * S + 12 * S / 100, 0);
+    g.tat.0.set(20 * S + S / 20);
+    // A young proven client knocks at 20.0 s: the old client comes after the budget is
+    // full: the token is the young one's.
+    probed(&mut g, 7, 20 * S);
     assert_eq!(g.syn(7, 20 * S), Out::AfterWait);
-    // Now the budget is full at 20.2 s: the old client's knock at 20.2 s is in time, so
-    // a second young client is refused and the token waits.
-    young(&mut g, 8, 20 * S + S / 100);
+    // Now the budget has room for one and is full at 20.15 s: the old client's knock
+    // is in time and needs that one, so a second young client is refused.
+    probed(&mut g, 8, 20 * S + S / 100);
     assert_eq!(g.syn(8, 20 * S + S / 100), Out::Deferred);
     assert_eq!(g.refusals.len(), 1);
+}
+
+#[test]
+fn a_token_waits_only_if_the_older_clients_need_every_one() {
+    // Rate 10/s, burst 5: at 20.0 s the budget has room for four, full at 20.1 s.
+    let mut g = Group::new(10, 5, true);
+    g.line.congested_until_ns = u64::MAX;
+    g.tat.0.set(20 * S + S / 10);
+    // Two older clients are expected in time: room for them and two young ones.
+    g.calendar
+        .record::<super::Plain>(20 * S, 20 * S + S / 20, 0);
+    g.calendar
+        .record::<super::Plain>(20 * S, 20 * S + S / 12, S);
+    for (id, t) in [(7, 20 * S), (8, 20 * S + S / 1000)] {
+        probed(&mut g, id, t);
+        assert_eq!(g.syn(id, t), Out::AfterWait, "young client {id}");
+    }
+    // The third young one finds room for two, both wanted by the older clients.
+    probed(&mut g, 9, 20 * S + S / 500);
+    assert_eq!(g.syn(9, 20 * S + S / 500), Out::Deferred);
 }
 
 #[test]
@@ -537,16 +569,16 @@ fn a_last_knock_takes_the_budget_whatever_is_expected() {
 fn calendar_rings_forget_what_time_left_behind() {
     let mut c = Calendar::EMPTY;
     c.record::<super::Plain>(100 * S, 101 * S, 10 * S);
-    assert!(c.older_expected::<super::Plain>(100 * S, 102 * S, 50 * S));
+    assert!(c.older_expected::<super::Plain>(100 * S, 102 * S, 50 * S, 1));
     // Not older than itself; not expected after the window.
-    assert!(!c.older_expected::<super::Plain>(100 * S, 102 * S, 10 * S));
-    assert!(!c.older_expected::<super::Plain>(100 * S, 100 * S + S / 2, 50 * S));
+    assert!(!c.older_expected::<super::Plain>(100 * S, 102 * S, 10 * S, 1));
+    assert!(!c.older_expected::<super::Plain>(100 * S, 100 * S + S / 2, 50 * S, 1));
     // A far knock (30 s ahead) is kept too, and found when its time comes.
     c.record::<super::Plain>(100 * S, 130 * S, 20 * S);
-    assert!(c.older_expected::<super::Plain>(129 * S + S / 2, 130 * S + S / 10, 50 * S));
+    assert!(c.older_expected::<super::Plain>(129 * S + S / 2, 130 * S + S / 10, 50 * S, 1));
     // A lap later its slot is empty again.
-    assert!(!c.older_expected::<super::Plain>(199 * S, 200 * S + S / 2, 50 * S));
-    assert!(!c.older_expected::<super::Plain>(300 * S, 400 * S, 299 * S));
+    assert!(!c.older_expected::<super::Plain>(199 * S, 200 * S + S / 2, 50 * S, 1));
+    assert!(!c.older_expected::<super::Plain>(300 * S, 400 * S, 299 * S, 1));
 }
 
 #[test]
@@ -627,7 +659,9 @@ fn perfect_line(s: &Storm) -> (f64, [usize; 4]) {
                     Some((seen, k)) if !admitted.contains_key(&(j as u64)) && k < offsets.len() => {
                         let gap = (offsets[k] - offsets[k - 1]) * S;
                         let next = seen + gap + crate::knocks::typical_late_ns(gap);
-                        next > t && next <= until && next < c.give_up[j]
+                        next + crate::line::STILL_EXPECTED_NS > t
+                            && next <= until
+                            && next < c.give_up[j]
                     }
                     _ => false,
                 }
@@ -661,6 +695,7 @@ fn the_line_orders_nearly_as_well_as_with_perfect_knowledge() {
     // line is the bound of what waiting only for clients expected before the budget
     // overflows can do (with a burst of 2, a sixth of a second).
     let mut rows = String::new();
+    let mut short = Vec::new();
     for overload in [1.5, 3.0, 6.0] {
         for burst in [2, 5, 20] {
             let (mut line, mut best, mut drop) = (0.0, 0.0, 0.0);
@@ -682,13 +717,15 @@ fn the_line_orders_nearly_as_well_as_with_perfect_knowledge() {
                 "{overload}× burst {burst:>2}: rank corr. drop {drop:.2}, line {line:.2}, perfect line {best:.2}; connected per stack, drop / line / perfect: {:?} / {:?} / {:?}\n",
                 per[0], per[1], per[2]
             ));
-            assert!(
-                line >= best - 0.06,
-                "{overload}× burst {burst}: the line orders at {line:.2}, a perfect one at {best:.2}"
-            );
+            if line < best - 0.06 {
+                short.push(format!(
+                    "{overload}× burst {burst}: the line orders at {line:.2}, a perfect one at {best:.2}"
+                ));
+            }
         }
     }
     std::eprintln!("{rows}");
+    assert!(short.is_empty(), "{short:#?}");
 }
 
 #[test]
@@ -788,6 +825,8 @@ proptest! {
         struct Never;
         impl LineBudget for Never {
             fn full_at(&self) -> u64 { 0 }
+            fn tolerance_ns(&self) -> u64 { 0 }
+            fn interval_ns(&self) -> u64 { 0 }
             fn take(&self) -> Verdict { panic!("budget asked for an unproven SYN") }
         }
         let mut line = LineState { congested_until_ns: now + hold, ..LineState::default() };
@@ -845,7 +884,7 @@ proptest! {
             let from = now + from_ms * 1_000_000;
             let until = from + len_ms * 1_000_000;
             let fs = now - fs_ms * 1_000_000;
-            let got = c.clone().older_expected::<super::Plain>(from, until, fs);
+            let got = c.clone().older_expected::<super::Plain>(from, until, fs, 1);
             // The calendar keeps one knock per slot (the oldest client's): a hit is a
             // real older knock in the window (give or take the entry's resolution)...
             if got {
