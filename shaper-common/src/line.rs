@@ -22,9 +22,9 @@
 //!    lost while anyone knocks. An older client expected a moment ago
 //!    ([`STILL_EXPECTED_NS`]) and not come yet still counts: timers that fire in one
 //!    tick send their SYNs microseconds apart. A knock that is its client's last
-//!    (Windows' third SYN, Linux's after 32 s) also takes a token while the budget is
-//!    within an eighth of its depth of full, whoever is expected: that client will not
-//!    come back, and the older ones lose at most a fraction of one token's wait.
+//!    (Windows' third SYN, Linux's after 32 s) takes a token whenever the budget has
+//!    room for one more besides, whoever is expected: that client will not come back,
+//!    and the older ones still find one (with a burst of 2, only a full budget has).
 //!
 //! Every admission goes through the group's budget ([`crate::admit`]): the line orders
 //! who gets the budget, it never adds to it.
@@ -554,11 +554,11 @@ pub fn knock<R: Repeat>(
         } else {
             room as u32
         };
-        // Full now: a refused token is lost. Its last knock, and the budget nearly
-        // full: it will not come back. Else only an older client expected before the
-        // budget overflows waits it out.
+        // Full now: a refused token is lost. Its last knock, and room for one more:
+        // it will not come back. Else only older clients expected before the budget
+        // overflows, as many as it has room for, wait it out.
         full <= now
-            || (knocks.is_last() && full - now <= budget.tolerance_ns() / 8)
+            || (knocks.is_last() && room >= 2)
             || !calendar.as_mut().is_some_and(|c| {
                 c.older_expected::<R>(
                     now.saturating_sub(STILL_EXPECTED_NS),

@@ -552,17 +552,34 @@ fn a_token_waits_only_if_the_older_clients_need_every_one() {
 }
 
 #[test]
-fn a_last_knock_takes_the_budget_whatever_is_expected() {
-    let mut g = Group::new(10, 5, true);
-    g.line.congested_until_ns = u64::MAX;
-    g.calendar.record::<super::Plain>(9 * S, 9 * S + S / 10, 0);
-    g.tat.0.set(9 * S + S / 5);
-    // A Windows client proven at 3 s (first SYN at 0.5 s) knocks its third SYN at 9 s:
-    // it will not come back; an older client is expected, yet it takes the token.
-    let mut k = Knocks::proof(S / 2, 3 * S + S / 2);
-    k.last_ms = 3_000;
-    g.waiters.insert(5, k);
+fn a_last_knock_takes_a_token_while_one_more_is_left() {
+    // Rate 10/s, burst 5: at 9.5 s the budget has room for three, full at 9.7 s, and
+    // three older clients are expected before then: they would need all three.
+    let setup = |tat: u64| {
+        let mut g = Group::new(10, 5, true);
+        g.line.congested_until_ns = u64::MAX;
+        for (i, at) in [55, 60, 65].into_iter().enumerate() {
+            g.calendar
+                .record::<super::Plain>(9 * S, 9 * S + at * S / 100, i as u64 * S / 10);
+        }
+        g.tat.0.set(tat);
+        g
+    };
+    // A Windows client proven at 3.5 s (first SYN at 0.5 s) knocks its third SYN: it
+    // will not come back, and one of the three admissions is left: it takes one.
+    let mut windows = Knocks::proof(S / 2, 3 * S + S / 2);
+    windows.last_ms = 3_000;
+    let mut g = setup(9 * S + 7 * S / 10);
+    g.waiters.insert(5, windows);
     assert_eq!(g.syn(5, 9 * S + S / 2), Out::AfterWait);
+    // A client of the same age that will knock again waits for the older ones.
+    let mut g = setup(9 * S + 7 * S / 10);
+    g.waiters.insert(6, Knocks::proof(S / 2, 3 * S / 2));
+    assert_eq!(g.syn(6, 9 * S + S / 2), Out::Deferred);
+    // With room for one only, the last knock leaves it to the older clients too.
+    let mut g = setup(9 * S + 9 * S / 10);
+    g.waiters.insert(5, windows);
+    assert_eq!(g.syn(5, 9 * S + S / 2), Out::Deferred);
 }
 
 #[test]
