@@ -549,11 +549,7 @@ pub fn knock<R: Repeat>(
             .saturating_sub(full.saturating_sub(now))
             .checked_div(budget.interval_ns())
             .unwrap_or(0);
-        let room = if room > u32::MAX as u64 {
-            u32::MAX
-        } else {
-            room as u32
-        };
+        let room = u32::try_from(room).unwrap_or(u32::MAX);
         // Full now: a refused token is lost. Its last knock, and room for one more:
         // it will not come back. Else only older clients expected before the budget
         // overflows, as many as it has room for, wait it out.

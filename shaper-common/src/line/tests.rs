@@ -676,9 +676,7 @@ fn perfect_line(s: &Storm) -> (f64, [usize; 4]) {
                     Some((seen, k)) if !admitted.contains_key(&(j as u64)) && k < offsets.len() => {
                         let gap = (offsets[k] - offsets[k - 1]) * S;
                         let next = seen + gap + crate::knocks::typical_late_ns(gap);
-                        next + crate::line::STILL_EXPECTED_NS > t
-                            && next <= until
-                            && next < c.give_up[j]
+                        next + STILL_EXPECTED_NS > t && next <= until && next < c.give_up[j]
                     }
                     _ => false,
                 }
