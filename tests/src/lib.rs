@@ -3,11 +3,13 @@
 //! `cargo xtask demo` and `cargo xtask bench`).
 
 pub mod crowd;
+pub mod dashboard;
 pub mod flood;
 pub mod http;
 pub mod netns;
 pub mod packets;
 pub mod progrun;
+pub mod prometheus;
 pub mod stacks;
 pub mod storm;
 pub mod sweep;

@@ -16,6 +16,7 @@ use crate::{
     crowd::{Arrival, Attempt, Crowd},
     flood::{Flood, FloodSpec},
     netns::Daemon,
+    prometheus::{Prometheus, unix_now},
     stacks::Stack,
     tcp::Server,
     testbed::{PORT, SERVER_DEV, SERVER_V4, Testbed},
@@ -44,6 +45,8 @@ pub struct StormSpec {
     pub flood_per_s: u32,
     pub flooded: usize,
     pub seed: u64,
+    /// Scrape the daemon with a real Prometheus and keep the dashboard's panels.
+    pub dashboard: bool,
 }
 
 impl StormSpec {
@@ -110,6 +113,10 @@ pub struct StormReport {
     pub flood_sent: u64,
     /// The daemon's last per-rule counter line (its log).
     pub counters: String,
+    /// The rule's figures from `shaper stats -o json` once every client was done.
+    pub stats: serde_json::Value,
+    /// The dashboard's panels over the storm, if the spec asked for them.
+    pub dashboard: Option<Vec<crate::dashboard::Panel>>,
     pub elapsed: Duration,
 }
 
@@ -293,6 +300,14 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
     )?;
     let dst = Testbed::dst_for(IpAddr::V4(SERVER_V4.parse()?));
     let server = Server::start(&bed.srv, &[dst])?;
+    let prometheus = if spec.dashboard {
+        let p = Prometheus::start(&bed.srv, None)?;
+        // Scraped before the storm, so that its rates see it begin.
+        p.wait_scrapes(2, Duration::from_secs(30))?;
+        Some(p)
+    } else {
+        None
+    };
 
     let plan = plan(spec);
     let t0 = Instant::now() + Duration::from_millis(300);
@@ -342,6 +357,18 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
         Some(f) => f.finish()?,
         None => 0,
     };
+    let stats = rule_stats(&daemon)?;
+    let dashboard = match &prometheus {
+        Some(p) => {
+            // One more scrape after the last client, then the storm from its start.
+            std::thread::sleep(Duration::from_secs(2));
+            let now = unix_now();
+            let start = now - t0.elapsed().as_secs_f64();
+            Some(crate::dashboard::collect(p, start, now)?)
+        }
+        None => None,
+    };
+    drop(prometheus);
     // One more counter line after the storm, then stop the daemon.
     std::thread::sleep(Duration::from_millis(1100));
     daemon.stop()?;
@@ -380,8 +407,50 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
         clients,
         flood_sent,
         counters,
+        stats,
+        dashboard,
         elapsed,
     })
+}
+
+/// The storm's rule as `shaper stats -o json` gives it.
+fn rule_stats(daemon: &Daemon) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(crate::netns::shaper_bin()?)
+        .args(["stats", "-o", "json", "--socket"])
+        .arg(&daemon.socket)
+        .output()?;
+    if !out.status.success() {
+        return Err(anyhow!(
+            "shaper stats: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["rules"][0].clone())
+}
+
+impl StormReport {
+    /// The rule's wait histogram: how many waited (its `+Inf` bucket) and their sum.
+    pub fn wait_histogram(&self) -> (u64, f64) {
+        let count = self.stats["wait_buckets"]
+            .as_array()
+            .and_then(|b| b.last())
+            .and_then(|b| b["count"].as_u64())
+            .unwrap_or(0);
+        (count, self.stats["wait_sum_s"].as_f64().unwrap_or(f64::NAN))
+    }
+
+    /// Clients that connected after their first SYN was refused, and the sum of their
+    /// waits (first SYN to connected), seconds.
+    pub fn waited(&self) -> (u64, f64) {
+        let w: Vec<f64> = self
+            .clients
+            .iter()
+            .filter(|c| c.syns > 1)
+            .filter_map(|c| c.connected.map(|t| t - c.started))
+            .collect();
+        (w.len() as u64, w.iter().sum())
+    }
 }
 
 fn group_report(

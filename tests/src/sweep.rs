@@ -63,6 +63,7 @@ pub fn spec(p: Point, action: &'static str, flood: bool, seed: u64) -> StormSpec
         deadline: Duration::from_secs(SPREAD_S + 72),
         flood_per_s: if flood { FLOOD } else { 0 },
         flooded: 2,
+        dashboard: false,
         seed,
     }
 }

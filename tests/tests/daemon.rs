@@ -11,9 +11,11 @@ use std::{
 };
 
 use shaper_tests::{
+    flood::{Flood, FloodSpec},
     netns::{Daemon, Netns, shaper_bin},
+    prometheus::{self, Prometheus},
     tcp::{Bulk, Server, storm},
-    testbed::{SERVER_DEV, SERVER_V4, Testbed, addr},
+    testbed::{PORT, SERVER_DEV, SERVER_V4, Testbed, addr},
 };
 
 const RATE: f64 = 20.0;
@@ -1047,6 +1049,111 @@ fn sample(text: &str, series: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// An nftables table in `ns` with one counter of the SYNs to the server's port, on
+/// `dev`'s `hook` (`egress`: what is sent; `ingress`: what the XDP program passed).
+fn nft_syn_counter(ns: &Netns, hook: &str, dev: &str) {
+    let rules = format!(
+        "table netdev shaper_test {{ chain c {{ type filter hook {hook} device {dev} priority 0; \
+         ip daddr {SERVER_V4} tcp dport {PORT} tcp flags & (syn | ack) == syn counter; }}; }}"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(rules.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("nft (cargo xtask setup installs Debian's nftables)");
+    assert!(out.status.success(), "nft: {out:?}");
+}
+
+/// The packets the counter of [`nft_syn_counter`] in `ns` counted.
+fn nft_count(ns: &Netns) -> u64 {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "nft",
+            "list",
+            "table",
+            "netdev",
+            "shaper_test",
+        ])
+        .output()
+        .expect("nft list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("packets ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {text}"))
+}
+
+/// A link's dropped count in `ns` (`tx` or `rx`), from `ip -s -j link`.
+fn link_dropped(ns: &Netns, dev: &str, dir: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-s", "-j", "link", "show", "dev", dev])
+        .output()
+        .expect("ip -s link");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    v[0]["stats64"][dir]["dropped"]
+        .as_u64()
+        .expect("dropped count")
+}
+
+/// Every raw SYN counted once, as nftables counts it: the SYNs a flood sends (a counter
+/// on the sender's egress, less what the veth dropped on the way) are the rule's
+/// `admitted` plus `dropped`, and what the XDP program passed (a counter on the
+/// server's ingress, which runs after XDP) is its `admitted`; in `stats` and in
+/// `/metrics` alike.
+#[test]
+fn counters_agree_with_nftables_packet_for_packet() {
+    let bed = bed();
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    nft_syn_counter(&bed.cli, "egress", "c0");
+    nft_syn_counter(&bed.srv, "ingress", SERVER_DEV);
+    let flood = Flood::start(
+        &bed.cli,
+        "c0",
+        FloodSpec {
+            nets: vec![[198, 18, 30], [198, 18, 31], [198, 18, 32]],
+            dst: SERVER_V4.parse().expect("address"),
+            dport: PORT,
+            dst_mac: bed.server_mac().expect("server MAC"),
+            per_second: 10_000,
+            max: Duration::from_secs(2),
+        },
+    )
+    .expect("flood");
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = flood.finish().expect("flood");
+    std::thread::sleep(Duration::from_millis(300));
+    let lost = link_dropped(&bed.cli, "c0", "tx") + link_dropped(&bed.srv, SERVER_DEV, "rx");
+    let (egress, ingress) = (nft_count(&bed.cli), nft_count(&bed.srv));
+    let rule = &json(&d, &["stats"])["rules"][0];
+    let count = |o: &str| rule[o].as_u64().unwrap_or_else(|| panic!("{o} in {rule}"));
+    let (admitted, dropped) = (count("admitted"), count("dropped"));
+    println!(
+        "sent {sent}, nftables egress {egress}, lost on the veth {lost}, shaper admitted \
+         {admitted} + dropped {dropped}, nftables ingress {ingress}"
+    );
+    assert!(sent >= 15_000, "the flood sent {sent}");
+    assert_eq!(egress, sent);
+    assert_eq!(admitted + dropped, egress - lost);
+    assert_eq!(admitted, ingress);
+    // Within the budget: 20/s and a burst of 10 per /24, three /24s, about 2 s.
+    assert!((30..=200).contains(&admitted), "{admitted} admitted");
+    let (_, body) = scrape(&bed.srv, "text/plain");
+    for (outcome, n) in [("admitted", admitted), ("dropped", dropped)] {
+        let series =
+            format!("shaper_syns_total{{rule=\"pupils\",outcome=\"{outcome}\",interface=\"s0\"}}");
+        assert_eq!(sample(&body, &series), Some(n), "{series}");
+    }
+}
+
 /// A server, and `rate` attempts a second for `dur` from one pupil (198.18.9.10); 40 a
 /// second is more than `POLICY` lets through.
 fn pupils_storm(bed: &Testbed, rate: u32, dur: Duration) -> (Server, shaper_tests::tcp::Storm) {
@@ -1141,44 +1248,6 @@ fn metrics_agree_with_stats_and_pass_promtool() {
     assert!(text.contains("rule=\"students\""), "{text}");
 }
 
-/// A GET of `path` on 127.0.0.1:`port` inside `ns`: the body (empty if it failed).
-fn http_get(ns: &Netns, port: u16, path: &str) -> String {
-    shaper_tests::http::get(ns, port, path, "*/*").map_or_else(|_| String::new(), |(_, b)| b)
-}
-
-/// `s` percent-encoded for a URL's query.
-fn query_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Prometheus's answer to an instant query (`data.result`), or `None` if it failed.
-fn promql(ns: &Netns, q: &str) -> Option<Vec<serde_json::Value>> {
-    let body = http_get(
-        ns,
-        9090,
-        &format!("/api/v1/query?query={}", query_escape(q)),
-    );
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    (v["status"] == "success").then(|| v["data"]["result"].as_array().cloned())?
-}
-
-/// Stops the Prometheus server a test started.
-struct Reaper(std::process::Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
     let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/shaper.rules.yml");
@@ -1193,31 +1262,10 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
         "{POLICY}\n[[rule]]\nname = \"lab\"\nprefix = \"198.18.20.0/24\"\nrate = 5\naction = \"defer\"\n"
     );
     let d = Daemon::start(&bed.srv, SERVER_DEV, &policy, &[]).expect("shaper run");
-    let dir = std::env::temp_dir().join(format!("{}-prometheus", bed.srv.name));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: shaper\n    static_configs:\n      - targets: [\"127.0.0.1:9101\"]\n",
-            rules.display()
-        ),
-    )
-    .expect("config");
-    let mut cmd = Command::new("prometheus");
-    cmd.arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg("--web.listen-address=127.0.0.1:9090")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let _prometheus = Reaper(bed.srv.spawn(&mut cmd).expect("prometheus"));
+    let prom = Prometheus::start(&bed.srv, Some(&rules)).expect("prometheus");
+    let promql = |q: &str| prom.query(q).ok();
     let scrapes = || {
-        promql(&bed.srv, "count_over_time(shaper_up[1m])")
+        promql("count_over_time(shaper_up[1m])")
             .and_then(|r| {
                 r.first()
                     .and_then(|x| x["value"][1].as_str().map(str::to_string))
@@ -1238,7 +1286,8 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
     // Until Prometheus has scraped the storm a few times and evaluated every rule.
     let deadline = Instant::now() + Duration::from_secs(60);
     let healthy = loop {
-        let body = http_get(&bed.srv, 9090, "/api/v1/rules");
+        let body = shaper_tests::http::get(&bed.srv, prometheus::PORT, "/api/v1/rules", "*/*")
+            .map_or_else(|_| String::new(), |(_, b)| b);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let rules: Vec<serde_json::Value> = v["data"]["groups"]
             .as_array()
@@ -1247,11 +1296,8 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
         let scrapes = scrapes();
-        let seen_storm = promql(
-            &bed.srv,
-            "shaper_syns_total{rule=\"pupils\",outcome=\"admitted\"} > 0",
-        )
-        .is_some_and(|r| !r.is_empty());
+        let seen_storm = promql("shaper_syns_total{rule=\"pupils\",outcome=\"admitted\"} > 0")
+            .is_some_and(|r| !r.is_empty());
         if rules.len() == 6
             && rules.iter().all(|r| r["health"] == "ok")
             && scrapes >= 6
@@ -1270,7 +1316,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
     // SAFETY: signalling the daemon this test started.
     unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while promql(&bed.srv, "shaper_last_reload_success == 1").is_none_or(|r| r.is_empty()) {
+    while promql("shaper_last_reload_success == 1").is_none_or(|r| r.is_empty()) {
         assert!(
             Instant::now() < deadline,
             "the reload never showed in Prometheus"
@@ -1298,7 +1344,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
             .replace("$instance", ".*")
             .replace("$rule", ".*")
             .replace("$__rate_interval", "30s");
-        let r = promql(&bed.srv, &q).unwrap_or_else(|| panic!("the dashboard's {q} failed"));
+        let r = promql(&q).unwrap_or_else(|| panic!("the dashboard's {q} failed"));
         assert!(!r.is_empty(), "the dashboard's {q} has no series");
     }
     // Every alert rule evaluated without error; none fires (the storm may make the
@@ -1312,11 +1358,8 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
     }
     // The dashboard's and the alerts' building blocks answer with the series they
     // should.
-    let admitted = promql(
-        &bed.srv,
-        "sum by (rule) (rate(shaper_syns_total{outcome=\"admitted\"}[30s]))",
-    )
-    .expect("rate");
+    let admitted =
+        promql("sum by (rule) (rate(shaper_syns_total{outcome=\"admitted\"}[30s]))").expect("rate");
     assert!(
         admitted.iter().any(|x| x["metric"]["rule"] == "pupils"
             && x["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)),
@@ -1334,10 +1377,10 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
         ("shaper_policy_generation", 1),
         ("shaper_packets_total{reason=\"not_attempt\"}", 1),
     ] {
-        let r = promql(&bed.srv, q).unwrap_or_else(|| panic!("{q} failed"));
+        let r = promql(q).unwrap_or_else(|| panic!("{q} failed"));
         assert_eq!(r.len(), labels, "{q}: {r:?}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(prom);
     drop(d);
 }
 

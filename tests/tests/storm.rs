@@ -8,7 +8,10 @@
 //! whole sweep (three loads, three bursts) is in BENCHMARKS.md, with the points that
 //! miss a goal and why.
 
-use shaper_tests::sweep::{self, Point};
+use shaper_tests::{
+    storm::StormReport,
+    sweep::{self, Point},
+};
 
 fn check(p: Point) {
     shaper_tests::progrun::require_bpf();
@@ -20,8 +23,33 @@ fn check(p: Point) {
     {
         println!("{}", shaper_tests::storm::describe(s));
     }
+    the_histogram_counts_the_clients_that_waited(&r.defer);
     let m = sweep::misses(&r);
     assert!(m.is_empty(), "{:.1}×, burst {}: {m:?}", p.overload, p.burst);
+}
+
+/// The rule's wait histogram (what `/metrics` and `stats` show) against the clients:
+/// one count per client admitted after waiting, and their waits (no spoofed SYN is
+/// admitted here, so every count is a client).
+fn the_histogram_counts_the_clients_that_waited(r: &StormReport) {
+    let (count, sum) = r.wait_histogram();
+    let (clients, client_sum) = r.waited();
+    println!(
+        "wait histogram: {count} waits, {sum:.1} s in all; clients that connected after a refused first SYN: {clients}, {client_sum:.1} s; admitted_after_wait {}",
+        r.stats["admitted_after_wait"]
+    );
+    assert!(count > 0);
+    assert_eq!(Some(count), r.stats["admitted_after_wait"].as_u64());
+    // Every client the line let in after a refused first SYN is one count.
+    assert_eq!(count, clients);
+    // The program times a wait from the first SYN's arrival to the admitted one's; a
+    // client from its connect() to the handshake's end, a round trip later (well under
+    // 5 ms on a veth).
+    let slack = client_sum - sum;
+    assert!(
+        (0.0..=0.005 * count as f64).contains(&slack),
+        "the histogram's sum {sum:.3} s against the clients' {client_sum:.3} s"
+    );
 }
 
 #[test]

@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "man-db",
     // `promtool check metrics` on a scrape of /metrics (and the Prometheus server).
     "prometheus",
+    // The font of the demo's dashboard picture.
+    "fonts-dejavu-core",
     // A terminal for the live `shaper top` test.
     "tmux",
 ];
