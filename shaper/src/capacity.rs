@@ -5,8 +5,12 @@ use shaper_common::maps::{MAX_GROUPS, MAX_LINES, MAX_PREFIXES, MAX_RULES, MAX_WA
 
 use crate::policy::Compiled;
 
-/// Map sizes fixed at load time.
-#[derive(Clone, Copy, Debug)]
+/// The most any limit may be set to (2^24: a group table that large takes 1.5 GiB).
+pub const MAX_LIMIT: u32 = 1 << 24;
+
+/// Map sizes fixed at load time (`shaper run --max-rules`, `--max-prefixes`,
+/// `--max-groups`, `--max-waiters`; the defaults fit a typical server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     /// Rule ids (counters and ceilings).
     pub rules: u32,
@@ -60,9 +64,9 @@ impl Capacity {
             Ok(())
         } else {
             Err(format!(
-                "the policy does not fit: it needs {} (the limits are built in: \
-                 shaper_common::maps::MAX_RULES and MAX_PREFIXES; split the policy \
-                 or merge rules)",
+                "the policy does not fit: it needs {}; raise the limits with `shaper run \
+                 --max-rules N --max-prefixes N` (the maps are sized when the daemon first \
+                 loads them; `shaper policy check` takes the same flags)",
                 short.join("; ")
             ))
         }

@@ -12,6 +12,7 @@ use shaper::{
     client, pins, policy,
     protocol::{DEFAULT_SOCKET, Request, Response},
 };
+use shaper_common::maps;
 
 pub const DEFAULT_CONFIG: &str = "/etc/shaper/shaper.toml";
 
@@ -111,6 +112,45 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (`off`: not at all).
     #[arg(long, value_name = "ADDR", default_value = shaper::daemon::metrics::DEFAULT_ADDR, value_parser = metrics_addr)]
     pub metrics: MetricsAddr,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The data plane's capacity, fixed when its maps are first made (they are pinned, so
+/// a restart must ask the same; `shaper detach` removes them to resize).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct LimitArgs {
+    /// Most rules the policy may hold.
+    #[arg(long, value_name = "N", default_value_t = maps::MAX_RULES,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_LIMIT))]
+    pub max_rules: u32,
+    /// Most prefixes per address family (rules, protected prefixes, and the blocks
+    /// cached around more specific ones); twice what a policy may use, for the swap.
+    #[arg(long, value_name = "N", default_value_t = maps::MAX_PREFIXES,
+          value_parser = clap::value_parser!(u32).range(2..=MAX_LIMIT))]
+    pub max_prefixes: u32,
+    /// Subnets tracked at once (rounded up to a power of two).
+    #[arg(long, value_name = "N", default_value_t = maps::MAX_GROUPS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_LIMIT))]
+    pub max_groups: u32,
+    /// Clients waiting in `defer` lines at once, all rules together.
+    #[arg(long, value_name = "N", default_value_t = maps::MAX_WAITERS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_LIMIT))]
+    pub max_waiters: u32,
+}
+
+const MAX_LIMIT: i64 = shaper::capacity::MAX_LIMIT as i64;
+
+impl From<LimitArgs> for Capacity {
+    fn from(a: LimitArgs) -> Capacity {
+        Capacity {
+            rules: a.max_rules,
+            prefixes: a.max_prefixes,
+            groups: a.max_groups,
+            waiters: a.max_waiters,
+            ..Capacity::default()
+        }
+    }
 }
 
 /// `--metrics`: where to serve, or nowhere.
@@ -138,6 +178,7 @@ impl From<RunArgs> for shaper::daemon::Config {
             pin_root: a.pin_root,
             replace: a.replace,
             metrics: a.metrics.0,
+            capacity: a.limits.into(),
         }
     }
 }
@@ -173,7 +214,12 @@ pub enum Output {
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Validate a policy file: exit 0, or print FILE:LINE:COL: message and exit 1.
-    Check { file: PathBuf },
+    Check {
+        file: PathBuf,
+        /// The capacity to check against: the daemon's `shaper run` limits.
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// Validate a policy file and switch the daemon to it: all of it or none of it.
     Apply {
         file: PathBuf,
@@ -236,10 +282,10 @@ pub struct SetArgs {
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => shaper::daemon::run(args.into()).map(|()| ExitCode::SUCCESS),
-        Command::Policy(PolicyCommand::Check { file }) => match policy::load(&file) {
+        Command::Policy(PolicyCommand::Check { file, limits }) => match policy::load(&file) {
             // Everything an apply checks short of writing maps: the data plane's size
-            // too (the daemon loads it with these capacities).
-            Ok(p) if let Err(e) = Capacity::default().check(&p.compile()) => {
+            // too (the daemon's, given as its `shaper run` limits).
+            Ok(p) if let Err(e) = Capacity::from(limits).check(&p.compile()) => {
                 eprintln!("{}: {e}", file.display());
                 Ok(ExitCode::FAILURE)
             }

@@ -120,6 +120,17 @@ fn expected(name: &str, cap: &Capacity) -> Option<(u32, u32, u32)> {
     })
 }
 
+/// The `shaper run` flag that sizes the pinned map `name`, if one does.
+fn limit_flag(name: &str) -> Option<&'static str> {
+    Some(match name {
+        MAP_RULES_V4 | MAP_RULES_V6 => "--max-prefixes",
+        MAP_RULES | MAP_RULE_IDS | MAP_RULE_BUDGETS | MAP_RULE_STATS => "--max-rules",
+        MAP_GROUPS => "--max-groups, rounded up to a power of two",
+        MAP_WAITERS => "--max-waiters",
+        _ => return None,
+    })
+}
+
 /// Refuse pinned maps whose layout or size differs from this build's: reusing them
 /// would make the program and the daemon read each other's bytes wrongly.
 pub fn check_layout(dir: &Path, cap: &Capacity) -> Result<()> {
@@ -133,6 +144,20 @@ pub fn check_layout(dir: &Path, cap: &Capacity) -> Result<()> {
             .with_context(|| format!("opening pinned map {}", path.display()))?;
         let (k, v, n) = expected(name, cap).ok_or_else(|| anyhow!("unknown map {name}"))?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
+        if (found.0, found.1) == (k, v)
+            && found.2 != n
+            && let Some(flag) = limit_flag(name)
+        {
+            bail!(
+                "pinned map {} holds {} entries where this start asks {n} ({flag}): the \
+                 maps are sized when they are first made, and kept across restarts. Start \
+                 with the limits the maps were made with to keep their state, or run \
+                 `shaper detach` first to make them again at the new size (counters and \
+                 waiting lines start again).",
+                path.display(),
+                found.2
+            );
+        }
         if found != (k, v, n) {
             bail!(
                 "pinned map {} does not match this shaper build (key/value/entries {}/{}/{}, \

@@ -11,8 +11,10 @@ use shaper_common::Outcome;
 
 /// Version of the protocol; a daemon refuses requests of another version.
 pub const PROTOCOL: u32 = 1;
-/// Largest frame either side accepts.
-pub const MAX_FRAME: usize = 1 << 20;
+/// Largest frame either side accepts: a policy of a million rules is about 60 MB of
+/// text, and `stats` of tens of thousands of rules some MB (the socket serves root
+/// only, so the size is not a guard against strangers).
+pub const MAX_FRAME: usize = 256 << 20;
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/shaper/shaper.sock";
 

@@ -251,6 +251,11 @@ impl Daemon {
         }
     }
 
+    /// The extra `shaper run` arguments of the next [`Daemon::spawn`].
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

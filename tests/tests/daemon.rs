@@ -236,6 +236,65 @@ fn another_tools_program(ns: &Netns) -> shaper::dataplane::Dataplane {
     other
 }
 
+/// The data plane's size is the operator's: a policy over the default limits is
+/// refused before anything is loaded, naming the flag to raise; `policy check` takes
+/// the same flags; raised, it loads; and a restart must ask what the pinned maps were
+/// made with (else it is refused, saying how to keep or resize them).
+#[test]
+fn the_limits_size_the_maps_and_a_restart_asks_what_they_hold() {
+    let bed = bed();
+    let big: String = (0..5000)
+        .map(|i| {
+            format!(
+                "[[rule]]\nname = \"s{i}\"\nprefix = \"10.{}.{}.0/24\"\nrate = 5\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let err = Daemon::start(&bed.srv, SERVER_DEV, &big, &[])
+        .err()
+        .expect("5,000 rules are over the default limit");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("5000 rules, the data plane holds 4096")
+            && msg.contains("--max-rules")
+            && msg.contains("nothing was loaded"),
+        "{msg}"
+    );
+    assert!(!bed.srv.has_xdp(SERVER_DEV));
+    let file = std::env::temp_dir().join(format!("{}-big.toml", bed.srv.name));
+    std::fs::write(&file, &big).expect("write");
+    let f = file.display().to_string();
+    assert_eq!(shaper(&["policy", "check", &f]).status.code(), Some(1));
+    let limits = ["--max-rules", "8192", "--max-prefixes", "16384"];
+    let mut args = vec!["policy", "check", &f];
+    args.extend_from_slice(&limits);
+    let out = shaper(&args);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{out:?}");
+    let mut d = Daemon::start(&bed.srv, SERVER_DEV, &big, &limits).expect("raised limits");
+    let stats = json(&d, &["stats"]);
+    assert_eq!(stats["rules"].as_array().map(Vec::len), Some(5000));
+    // Stopped (the program stays attached, its maps pinned), then started with the
+    // default limits and a small policy: refused, nothing changed.
+    d.stop().expect("SIGTERM");
+    std::fs::write(&d.config, POLICY).expect("policy");
+    d.set_extra(&[]);
+    let msg = format!("{:#}", d.spawn().expect_err("the maps are larger"));
+    assert!(
+        msg.contains("where this start asks")
+            && (msg.contains("--max-rules") || msg.contains("--max-prefixes"))
+            && msg.contains("shaper detach"),
+        "{msg}"
+    );
+    assert!(bed.srv.has_xdp(SERVER_DEV), "the program stays attached");
+    // With the limits the maps were made with, it adopts them.
+    d.set_extra(&limits);
+    d.spawn().expect("the same limits");
+    assert_eq!(json(&d, &["status"])["interfaces"][0]["adopted"], true);
+}
+
 #[test]
 fn another_tools_program_is_refused_unless_replace() {
     let bed = bed();
@@ -865,8 +924,13 @@ fn pinned_maps_of_another_layout_are_refused() {
     let msg = format!("{err:#}");
     let _ = shaper::pins::remove(&dir);
     let _ = std::fs::remove_dir(&root);
-    assert!(msg.contains("does not match this shaper build"), "{msg}");
-    assert!(msg.contains("GROUPS"), "{msg}");
+    // A size the start did not ask for: which flag sizes it, and how to keep or
+    // resize the maps.
+    assert!(
+        msg.contains("GROUPS holds 1024 entries where this start asks 131072 (--max-groups"),
+        "{msg}"
+    );
+    assert!(msg.contains("shaper detach"), "{msg}");
     assert!(!bed.srv.has_xdp(SERVER_DEV), "nothing attached");
 }
 

@@ -55,6 +55,8 @@ pub struct Config {
     pub replace: bool,
     /// Where `/metrics` is served (none: not at all).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The data plane's map sizes.
+    pub capacity: crate::capacity::Capacity,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -69,6 +71,11 @@ pub fn run(cfg: Config) -> Result<()> {
             "{e}\nthe policy is invalid; nothing was loaded (check it with `shaper policy check`)"
         )
     })?;
+    // Before anything is loaded or pinned: maps made at a size the policy does not fit
+    // would have to be removed before a start with larger limits could use them.
+    cfg.capacity
+        .check(&policy.compile())
+        .map_err(|e| anyhow!("{file}: {e}\nnothing was loaded"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -88,9 +95,12 @@ pub fn run(cfg: Config) -> Result<()> {
             let dir = pins::iface_dir(&cfg.pin_root, iface);
             let d2 = dir.clone();
             // Loading runs the verifier: keep it off the async thread.
-            let dp = tokio::task::spawn_blocking(move || Loader::new().pinned(&d2).load())
-                .await
-                .context("the loader task failed")??;
+            let capacity = cfg.capacity;
+            let dp = tokio::task::spawn_blocking(move || {
+                Loader::new().capacity(capacity).pinned(&d2).load()
+            })
+            .await
+            .context("the loader task failed")??;
             loaded.push((iface.clone(), dp, dir));
         }
         let mut targets: Vec<Target<'_>> = loaded

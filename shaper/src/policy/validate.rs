@@ -9,8 +9,9 @@ use super::{
     raw::{RawDefaults, RawPolicy, RawProtect, RawRule, error_at},
 };
 
-/// Most rules a policy may hold (the data plane's default capacity).
-pub const MAX_RULES: usize = shaper_common::maps::MAX_RULES as usize;
+/// Most rules a policy may hold at all (the largest `--max-rules`; what a data plane
+/// holds is checked against its capacity before an apply).
+pub const MAX_RULES: usize = crate::capacity::MAX_LIMIT as usize;
 /// Highest rate accepted: one admission per microsecond per group.
 const MAX_RATE_PER_S: u128 = 1_000_000;
 const MAX_BURST: i64 = 1_000_000;

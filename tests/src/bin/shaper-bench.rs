@@ -158,7 +158,7 @@ fn scrape(quick: bool) -> Result<()> {
     let cases: &[(usize, bool)] = if quick {
         &[(10, false), (10, true)]
     } else {
-        &[(10, false), (1_000, false), (4_094, false), (10, true)]
+        &[(10, false), (1_000, false), (10_000, false), (10, true)]
     };
     let rounds = if quick { 3 } else { 21 };
     println!(
@@ -178,7 +178,9 @@ fn scrape(quick: bool) -> Result<()> {
             })
             .collect();
         policy.push_str("[[rule]]\nname = \"v6\"\nprefix = \"::/0\"\nrate = 100\n");
-        let daemon = Daemon::start(&bed.srv, SERVER_DEV, &policy, &[])?;
+        // Room for 10,000 rules and their prefixes (the defaults hold 4,096).
+        let limits = ["--max-rules", "16384", "--max-prefixes", "32768"];
+        let daemon = Daemon::start(&bed.srv, SERVER_DEV, &policy, &limits)?;
         let waiting = if line {
             fill_line(&daemon.pin_dir())?
         } else {
