@@ -1600,6 +1600,57 @@ impl Drop for Tmux {
     }
 }
 
+/// `shaper top -o json` during a storm from 50 /24s, each sending more SYNs than the
+/// one before: the groups come most limited first.
+#[test]
+fn top_lists_the_most_limited_groups_first() {
+    let bed = bed();
+    let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
+    // /24 number i appears i + 1 times in the flood's turn (in rounds: every /24 from
+    // i on in round i, so a turn cut short still gives a larger i at least as many):
+    // about 24·(i + 1) SYNs each, against 20/s and a burst of 10 per /24.
+    let nets: Vec<[u8; 3]> = (0..50u8)
+        .flat_map(|r| (r..50).map(|i| [198, 18, 100 + i]))
+        .collect();
+    let flood = Flood::start(
+        &bed.cli,
+        "c0",
+        FloodSpec {
+            nets,
+            dst: SERVER_V4.parse().expect("address"),
+            dport: PORT,
+            dst_mac: bed.server_mac().expect("server MAC"),
+            per_second: 20_000,
+            max: Duration::from_millis(1500),
+        },
+    )
+    .expect("flood");
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = flood.finish().expect("flood");
+    assert!(sent >= 25_000, "the flood sent {sent}");
+    let s = sock(&d);
+    let out = shaper(&["top", "-n", "50", "-o", "json", "--socket", &s]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let groups = v["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 50, "{v}");
+    let order: Vec<String> = groups
+        .iter()
+        .map(|g| g["group"].as_str().unwrap_or_default().to_string())
+        .collect();
+    // All but the two smallest are over the budget, by 24 SYNs more each.
+    let expected: Vec<String> = (2..50u8)
+        .rev()
+        .map(|i| format!("198.18.{}.0/24", 100 + i))
+        .collect();
+    assert_eq!(order[..48], expected[..], "{v}");
+    let dropped: Vec<u64> = groups
+        .iter()
+        .filter_map(|g| g["dropped"].as_u64())
+        .collect();
+    assert!(dropped.windows(2).all(|w| w[0] >= w[1]), "{dropped:?}");
+}
+
 #[test]
 fn the_line_shows_in_metrics_stats_and_a_live_top() {
     let bed = bed();

@@ -158,10 +158,14 @@ pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
             });
         }
     }
+    // Most limited first: a line now, then the SYNs refused (dropped or deferred),
+    // then how much of the burst is in use.
+    let limited = |g: &TopGroup| u64::from(g.dropped) + u64::from(g.deferred);
     out.sort_by(|a, b| {
         b.congested
             .cmp(&a.congested)
             .then(b.waiting.cmp(&a.waiting))
+            .then(limited(b).cmp(&limited(a)))
             .then(b.burst_used.total_cmp(&a.burst_used))
             .then(b.joined_line.cmp(&a.joined_line))
     });
