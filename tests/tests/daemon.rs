@@ -1113,6 +1113,26 @@ fn sample(text: &str, series: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// Raw first SYNs from the client namespace to the server's port, `per_second` for
+/// `dur`, from random sources of `nets` in turn; returns how many were sent.
+fn flood(bed: &Testbed, nets: Vec<[u8; 3]>, per_second: u32, dur: Duration) -> u64 {
+    let f = Flood::start(
+        &bed.cli,
+        "c0",
+        FloodSpec {
+            nets,
+            dst: SERVER_V4.parse().expect("address"),
+            dport: PORT,
+            dst_mac: bed.server_mac().expect("server MAC"),
+            per_second,
+            max: dur,
+        },
+    )
+    .expect("flood");
+    std::thread::sleep(dur);
+    f.finish().expect("flood")
+}
+
 /// An nftables table in `ns` with one counter of the SYNs to the server's port, on
 /// `dev`'s `hook` (`egress`: what is sent; `ingress`: what the XDP program passed).
 fn nft_syn_counter(ns: &Netns, hook: &str, dev: &str) {
@@ -1179,21 +1199,12 @@ fn counters_agree_with_nftables_packet_for_packet() {
     let d = Daemon::start(&bed.srv, SERVER_DEV, POLICY, &[]).expect("shaper run");
     nft_syn_counter(&bed.cli, "egress", "c0");
     nft_syn_counter(&bed.srv, "ingress", SERVER_DEV);
-    let flood = Flood::start(
-        &bed.cli,
-        "c0",
-        FloodSpec {
-            nets: vec![[198, 18, 30], [198, 18, 31], [198, 18, 32]],
-            dst: SERVER_V4.parse().expect("address"),
-            dport: PORT,
-            dst_mac: bed.server_mac().expect("server MAC"),
-            per_second: 10_000,
-            max: Duration::from_secs(2),
-        },
-    )
-    .expect("flood");
-    std::thread::sleep(Duration::from_secs(2));
-    let sent = flood.finish().expect("flood");
+    let sent = flood(
+        &bed,
+        vec![[198, 18, 30], [198, 18, 31], [198, 18, 32]],
+        10_000,
+        Duration::from_secs(2),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let lost = link_dropped(&bed.cli, "c0", "tx") + link_dropped(&bed.srv, SERVER_DEV, "rx");
     let (egress, ingress) = (nft_count(&bed.cli), nft_count(&bed.srv));
@@ -1612,21 +1623,7 @@ fn top_lists_the_most_limited_groups_first() {
     let nets: Vec<[u8; 3]> = (0..50u8)
         .flat_map(|r| (r..50).map(|i| [198, 18, 100 + i]))
         .collect();
-    let flood = Flood::start(
-        &bed.cli,
-        "c0",
-        FloodSpec {
-            nets,
-            dst: SERVER_V4.parse().expect("address"),
-            dport: PORT,
-            dst_mac: bed.server_mac().expect("server MAC"),
-            per_second: 20_000,
-            max: Duration::from_millis(1500),
-        },
-    )
-    .expect("flood");
-    std::thread::sleep(Duration::from_millis(1500));
-    let sent = flood.finish().expect("flood");
+    let sent = flood(&bed, nets, 20_000, Duration::from_millis(1500));
     assert!(sent >= 25_000, "the flood sent {sent}");
     let s = sock(&d);
     let out = shaper(&["top", "-n", "50", "-o", "json", "--socket", &s]);
