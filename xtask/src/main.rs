@@ -26,7 +26,8 @@ enum Task {
     Test,
     /// Benchmarks: `prog` (ns per packet under BPF_PROG_TEST_RUN, against a bare
     /// program), `storm` (the waiting line's sweep of real-client storms, ~17 min),
-    /// `scrape` (`/metrics` time and size at 10 to 4,095 rules).
+    /// `scrape` (`/metrics` time and size at 10 to 10,000 rules), `all` (each in turn;
+    /// CI runs `all --quick`).
     Bench {
         #[arg(default_value = "prog")]
         which: String,

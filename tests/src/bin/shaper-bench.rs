@@ -121,8 +121,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "prog".into());
+    let quick = std::env::args().skip(2).any(|a| a == "--quick");
     match which.as_str() {
-        "prog" => prog(),
+        "prog" => prog(quick),
         "storm" => {
             let args: Vec<String> = std::env::args().skip(2).collect();
             // `--only LOAD:BURST[,…]`: just those points (e.g. `--only 3:5,6:20`).
@@ -140,13 +141,18 @@ fn main() -> Result<()> {
                 });
             storm(args.iter().any(|a| a == "--quick"), only)
         }
-        "scrape" => scrape(std::env::args().skip(2).any(|a| a == "--quick")),
-        _ => bail!("unknown benchmark `{which}` (available: prog, storm, scrape)"),
+        "scrape" => scrape(quick),
+        // Every benchmark in turn (with `--quick`: CI's smoke run of each).
+        "all" => {
+            prog(quick)?;
+            scrape(quick)?;
+            storm(quick, None)
+        }
+        _ => bail!("unknown benchmark `{which}` (available: prog, storm, scrape, all)"),
     }
 }
 
-/// `/metrics` of a real daemon in a testbed at 10, 1,000 and 4,095 rules (the data
-/// plane holds 4,096 today): how long a scrape takes (the collector reads every rule's
+/// `/metrics` of a real daemon in a testbed at 10, 1,000 and 10,000 rules: how long a scrape takes (the collector reads every rule's
 /// per-CPU counters then) and how big it is; then 10 rules with the waiters' table full
 /// (65,536 clients waiting in a `defer` line: each scrape walks them). `--quick`: 10
 /// rules, a few scrapes.
@@ -286,7 +292,9 @@ fn storm(quick: bool, only: Option<Vec<(f64, u32)>>) -> Result<()> {
     Ok(())
 }
 
-fn prog() -> Result<()> {
+/// `quick`: a few samples of few runs (a smoke run: the figures mean little).
+fn prog(quick: bool) -> Result<()> {
+    let (repeat, rounds) = if quick { (10_000, 3) } else { (REPEAT, ROUNDS) };
     // The verifier's side: how much work the program is to check, and how long a load
     // takes (a restarted daemon pays it before it adopts).
     let t = std::time::Instant::now();
@@ -321,7 +329,7 @@ fn prog() -> Result<()> {
     // Repeated, the same SYN is a waiting client's knock (after its first and second).
     let syn_deferred = syn_v4([198, 18, 4, 5], 443);
     println!(
-        "BPF_PROG_TEST_RUN, {REPEAT} runs per sample, {ROUNDS} samples of each program interleaved; ns per packet (median; last column: fastest against fastest)"
+        "BPF_PROG_TEST_RUN, {repeat} runs per sample, {rounds} samples of each program interleaved; ns per packet (median; last column: fastest against fastest)"
     );
     println!();
     println!(
@@ -329,7 +337,7 @@ fn prog() -> Result<()> {
     );
     println!("|---:|---|---:|---:|---:|---:|---:|");
     // `cargo xtask bench prog SUBSTRING`: only the cases whose name contains it.
-    let only = std::env::args().nth(2);
+    let only = std::env::args().nth(2).filter(|a| !a.starts_with("--"));
     for n in [10usize, 100_000] {
         let cap = Capacity {
             rules: (n + 16) as u32,
@@ -352,11 +360,11 @@ fn prog() -> Result<()> {
                 continue;
             }
             let (mut prog_ns, mut bare_ns) = (Vec::new(), Vec::new());
-            for _ in 0..ROUNDS {
+            for _ in 0..rounds {
                 // Interleave the two so drift in the machine's state hits both alike.
-                let (_, _, b) = run_prog(h.baseline()?, pkt, REPEAT)?;
+                let (_, _, b) = run_prog(h.baseline()?, pkt, repeat)?;
                 bare_ns.push(b);
-                let (_, ns) = h.run_repeat(pkt, REPEAT)?;
+                let (_, ns) = h.run_repeat(pkt, repeat)?;
                 prog_ns.push(ns);
             }
             let (pmin, bmin) = (min(&prog_ns), min(&bare_ns));
