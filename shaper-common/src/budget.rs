@@ -71,6 +71,21 @@ impl Budget {
         }
     }
 
+    /// How many admissions the budget has room for at `now`, given the state `tat`:
+    /// the whole burst once it is full (`tat` at or before `now`), none while an
+    /// attempt would not conform.
+    #[inline(always)]
+    pub const fn room(&self, tat: u64, now: u64) -> u64 {
+        let depth = self.tolerance_ns.saturating_add(self.interval_ns);
+        match depth
+            .saturating_sub(tat.saturating_sub(now))
+            .checked_div(self.interval_ns)
+        {
+            Some(n) => n,
+            None => 0,
+        }
+    }
+
     /// Does an attempt at `now` conform, given the state `tat`? If so, the new state.
     ///
     /// Any overflow refuses: at the edges of u64 the budget errs towards admitting less.

@@ -404,11 +404,8 @@ pub trait LineBudget {
     /// When the group's budget will be full if nobody takes from it (its GCRA state);
     /// at or before now: it is full, and a refused admission is lost.
     fn full_at(&self) -> u64;
-    /// How far ahead of now `full_at` may run while one more admission is allowed
-    /// (`(burst − 1)` admissions' worth of time).
-    fn tolerance_ns(&self) -> u64;
-    /// The time one admission takes from the budget.
-    fn interval_ns(&self) -> u64;
+    /// The group's budget (its rate and burst).
+    fn budget(&self) -> crate::Budget;
     /// Take one admission (the group's budget, and the rule's ceiling).
     fn take(&self) -> Verdict;
 }
@@ -545,11 +542,7 @@ pub fn knock<R: Repeat>(
         let full = budget.full_at();
         // Admissions the budget has room for now: older clients expected in time keep
         // a token only if they would need every one of them.
-        let room = (budget.tolerance_ns() + budget.interval_ns())
-            .saturating_sub(full.saturating_sub(now))
-            .checked_div(budget.interval_ns())
-            .unwrap_or(0);
-        let room = u32::try_from(room).unwrap_or(u32::MAX);
+        let room = u32::try_from(budget.budget().room(full, now)).unwrap_or(u32::MAX);
         // Full now: a refused token is lost. Its last knock, and room for one more:
         // it will not come back. Else only older clients expected before the budget
         // overflows, as many as it has room for, wait it out.

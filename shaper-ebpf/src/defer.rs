@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use shaper_common::{
-    Outcome, Reason, Verdict,
+    Budget, Outcome, Reason, Verdict,
     line::{
         Calendar, Decision, Known, LineBudget, LineState, Remember, Repeat, Round, knock,
         probe_hash, probe_tag,
@@ -73,13 +73,11 @@ impl LineBudget for GroupBudget<'_> {
     }
 
     #[inline(always)]
-    fn tolerance_ns(&self) -> u64 {
-        self.rule.tolerance_ns
-    }
-
-    #[inline(always)]
-    fn interval_ns(&self) -> u64 {
-        self.rule.interval_ns
+    fn budget(&self) -> Budget {
+        Budget {
+            interval_ns: self.rule.interval_ns,
+            tolerance_ns: self.rule.tolerance_ns,
+        }
     }
 
     #[inline(always)]

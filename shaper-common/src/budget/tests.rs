@@ -195,6 +195,27 @@ proptest! {
         prop_assert!(max_in_window(&admitted, w) <= bound(rate, burst, w));
     }
 
+    /// `room` is how many attempts at one instant conform in a row, whatever the state.
+    #[test]
+    fn room_is_the_attempts_that_conform_in_a_row(
+        rate in 1u64..5_000,
+        burst in 1u64..200,
+        now in 1_000_000_000u64..2_000_000_000_000,
+        tat_offset in 0u64..400_000_000_000,
+    ) {
+        let b = Budget::per_second(rate, burst);
+        // From well before `now` (full) to far ahead of it (no room).
+        let mut tat = (now - 1_000_000_000) + tat_offset / 100;
+        let room = b.room(tat, now);
+        let mut in_a_row = 0;
+        while let Some(next) = b.conform(tat, now) {
+            tat = next;
+            in_a_row += 1;
+            prop_assert!(in_a_row <= burst);
+        }
+        prop_assert_eq!(room, in_a_row);
+    }
+
     /// With attempts always waiting, admissions track rate·t + burst (work conserving).
     #[test]
     fn saturated_budget_is_used(rate in 1u64..2_000, burst in 1u64..100, secs in 1u64..20) {

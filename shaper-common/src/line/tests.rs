@@ -74,11 +74,8 @@ impl LineBudget for HostBudget<'_> {
     fn full_at(&self) -> u64 {
         self.tat.load()
     }
-    fn tolerance_ns(&self) -> u64 {
-        self.budget.tolerance_ns
-    }
-    fn interval_ns(&self) -> u64 {
-        self.budget.interval_ns
+    fn budget(&self) -> Budget {
+        *self.budget
     }
     fn take(&self) -> Verdict {
         self.asked.set(true);
@@ -840,8 +837,7 @@ proptest! {
         struct Never;
         impl LineBudget for Never {
             fn full_at(&self) -> u64 { 0 }
-            fn tolerance_ns(&self) -> u64 { 0 }
-            fn interval_ns(&self) -> u64 { 0 }
+            fn budget(&self) -> Budget { Budget::NONE }
             fn take(&self) -> Verdict { panic!("budget asked for an unproven SYN") }
         }
         let mut line = LineState { congested_until_ns: now + hold, ..LineState::default() };
