@@ -49,7 +49,7 @@ pub enum Command {
     },
     /// The groups nearest to (or over) their budget, live like `top`: per group its
     /// SYNs admitted, dropped and deferred per second, its line (clients waiting, the
-    /// oldest's wait) and its budget, congested groups first. `q` quits. When the
+    /// oldest's wait) and its budget, the most limited first. `q` quits. When the
     /// output is not a terminal (or with --once), prints the table once, its rates
     /// measured over one interval; `-o json` prints the groups' totals once.
     Top {

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Result, anyhow};
 
-use crate::netns::{Netns, enter};
+use crate::netns::{Netns, run_in_path};
 
 /// GET `path` from 127.0.0.1:`port` in `ns` with this `Accept` header: the reply's head
 /// and body.
@@ -20,22 +20,17 @@ pub fn get(ns: &Netns, port: u16, path: &str, accept: &str) -> Result<(String, S
 
 /// [`get`] in the namespace at `ns` (its path).
 pub fn get_at(ns: &Path, port: u16, path: &str, accept: &str) -> Result<(String, String)> {
-    let raw = std::thread::scope(|s| {
-        s.spawn(|| -> Result<String> {
-            enter(ns)?;
-            let mut s = TcpStream::connect(("127.0.0.1", port))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: {accept}\r\n\r\n"
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .join()
-        .map_err(|_| anyhow!("the HTTP client's thread panicked"))?
-    })?;
+    let raw = run_in_path(ns, || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: {accept}\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
     let (head, body) = raw
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("not an HTTP reply: {raw:.200}"))?;

@@ -68,15 +68,7 @@ impl Netns {
 
     /// Run `f` on a thread that has entered this namespace (sockets it opens live here).
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = self.path();
-        std::thread::scope(|s| {
-            s.spawn(|| -> Result<T> {
-                enter(&path)?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow!("thread in {} panicked", self.name))?
-        })
+        run_in_path(&self.path(), f)
     }
 
     /// Spawn a command inside this namespace (by setns before exec, so the host's bpffs
@@ -115,6 +107,18 @@ pub fn spawn_in(path: &std::path::Path, cmd: &mut Command) -> Result<Child> {
     let child = cmd.spawn().context("spawning in the namespace")?;
     drop(file);
     Ok(child)
+}
+
+/// Run `f` on a thread that has entered the namespace at `path`.
+pub fn run_in_path<T: Send>(path: &std::path::Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            enter(path)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("thread in {} panicked", path.display()))?
+    })
 }
 
 /// Move the calling thread into the namespace at `path`.

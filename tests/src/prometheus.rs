@@ -113,15 +113,19 @@ impl Prometheus {
             .collect())
     }
 
+    /// How many times Prometheus has scraped the daemon (in the last 10 minutes).
+    pub fn scrapes(&self) -> u32 {
+        self.query("count_over_time(shaper_up[10m])")
+            .ok()
+            .and_then(|r| r.first()?["value"][1].as_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    }
+
     /// Wait until Prometheus has scraped the daemon `n` times (at most `within`).
     pub fn wait_scrapes(&self, n: u32, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            let got = self
-                .query("count_over_time(shaper_up[10m])")
-                .ok()
-                .and_then(|r| r.first()?["value"][1].as_str()?.parse::<u32>().ok())
-                .unwrap_or(0);
+            let got = self.scrapes();
             if got >= n {
                 return Ok(());
             }

@@ -1339,24 +1339,9 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
     let d = Daemon::start(&bed.srv, SERVER_DEV, &policy, &[]).expect("shaper run");
     let prom = Prometheus::start(&bed.srv, Some(&rules)).expect("prometheus");
     let promql = |q: &str| prom.query(q).ok();
-    let scrapes = || {
-        promql("count_over_time(shaper_up[1m])")
-            .and_then(|r| {
-                r.first()
-                    .and_then(|x| x["value"][1].as_str().map(str::to_string))
-            })
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0)
-    };
     // Scraped before the storm, so that a rate sees it begin.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while scrapes() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus never scraped the daemon"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    prom.wait_scrapes(2, Duration::from_secs(60))
+        .expect("Prometheus scrapes the daemon");
     let (server, s) = pupils_storm(&bed, 40, Duration::from_secs(2));
     // Until Prometheus has scraped the storm a few times and evaluated every rule.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1370,7 +1355,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_every_alert_rule_evaluates() {
             .flatten()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        let scrapes = scrapes();
+        let scrapes = prom.scrapes();
         let seen_storm = promql("shaper_syns_total{rule=\"pupils\",outcome=\"admitted\"} > 0")
             .is_some_and(|r| !r.is_empty());
         if rules.len() == 6

@@ -260,13 +260,14 @@ impl Collector for Scrape {
                 // Only a `defer` rule's clients wait (eight buckets a rule otherwise).
                 if rule.action == crate::policy::Action::Defer {
                     waits.push((rule.name.as_str(), iface, c));
-                    let (n, oldest) = by_rule.get(&id).copied().unwrap_or((0, u64::MAX));
-                    let oldest_s = if n == 0 {
-                        0.0
-                    } else {
-                        now.saturating_sub(oldest) as f64 / 1e9
-                    };
-                    line.push((rule.name.as_str(), iface, n, oldest_s, c.released));
+                    let t = super::report::tally_of(&by_rule, &id);
+                    line.push((
+                        rule.name.as_str(),
+                        iface,
+                        t.waiting,
+                        t.oldest_wait_s(now),
+                        c.released,
+                    ));
                 }
             }
             if let Ok(g) = i.dp.global_counters() {

@@ -71,18 +71,55 @@ pub fn line(s: &mut State) -> Vec<Line> {
         .collect()
 }
 
-/// Per rule id: clients waiting and the first-seen time of the oldest.
-pub fn line_by_rule(waiting: &[Waiting]) -> HashMap<u32, (u64, u64)> {
-    let mut out: HashMap<u32, (u64, u64)> = HashMap::new();
+/// Clients waiting in some lines, and the first-seen time of the oldest.
+#[derive(Clone, Copy, Debug)]
+pub struct Tally {
+    pub waiting: u64,
+    oldest_first_seen_ns: u64,
+}
+
+impl Tally {
+    const NONE: Tally = Tally {
+        waiting: 0,
+        oldest_first_seen_ns: u64::MAX,
+    };
+
+    /// How long the oldest has waited at `now`, in seconds (0: nobody waits).
+    pub fn oldest_wait_s(&self, now: u64) -> f64 {
+        if self.waiting == 0 {
+            0.0
+        } else {
+            now.saturating_sub(self.oldest_first_seen_ns) as f64 / 1e9
+        }
+    }
+}
+
+/// The waiting clients tallied by `key` (those it gives `None` are left out).
+fn tally_by<K: std::hash::Hash + Eq>(
+    waiting: &[Waiting],
+    key: impl Fn(&Waiting) -> Option<K>,
+) -> HashMap<K, Tally> {
+    let mut out: HashMap<K, Tally> = HashMap::new();
     for w in waiting {
-        let e = out.entry(w.rule_id).or_insert((0, u64::MAX));
-        e.0 += 1;
-        e.1 = e.1.min(w.first_seen_ns);
+        let Some(k) = key(w) else { continue };
+        let t = out.entry(k).or_insert(Tally::NONE);
+        t.waiting += 1;
+        t.oldest_first_seen_ns = t.oldest_first_seen_ns.min(w.first_seen_ns);
     }
     out
 }
 
-/// The groups nearest to (or over) their budget, congested ones first, with their
+/// The waiting clients tallied by rule id.
+pub fn line_by_rule(waiting: &[Waiting]) -> HashMap<u32, Tally> {
+    tally_by(waiting, |w| Some(w.rule_id))
+}
+
+/// A rule's (or group's) tally, none if nobody waits there.
+pub fn tally_of<K: std::hash::Hash + Eq>(by: &HashMap<K, Tally>, key: &K) -> Tally {
+    by.get(key).copied().unwrap_or(Tally::NONE)
+}
+
+/// The groups nearest to (or over) their budget, the most limited first, with their
 /// line.
 pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
     let lines = line(s);
@@ -91,13 +128,9 @@ pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
         s.ids.iter().copied().zip(&s.policy.rules).collect();
     let mut out = Vec::new();
     for (i, line) in s.ifaces.iter().zip(&lines) {
-        // Per group (the client's address masked to its rule's group length): clients
-        // waiting and the oldest first-seen time.
-        let mut groups: HashMap<(u32, [u8; 16]), (u32, u64)> = HashMap::new();
-        for w in &line.waiting {
-            let Some(rule) = rules.get(&w.rule_id) else {
-                continue;
-            };
+        // Per group: the client's address masked to its rule's group length.
+        let groups = tally_by(&line.waiting, |w| {
+            let rule = rules.get(&w.rule_id)?;
             let addr = if w.key.family == shaper_common::maps::family::V4 {
                 let [a, b, c, d, ..] = w.key.src;
                 let mut k = [0u8; 16];
@@ -106,10 +139,8 @@ pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
             } else {
                 shaper_common::group_v6(w.key.src, rule.group)
             };
-            let e = groups.entry((w.rule_id, addr)).or_insert((0, u64::MAX));
-            e.0 += 1;
-            e.1 = e.1.min(w.first_seen_ns);
-        }
+            Some((w.rule_id, addr))
+        });
         for (key, st) in i.dp.groups() {
             let Some(rule) = rules.get(&st.rule_id) else {
                 continue;
@@ -134,10 +165,7 @@ pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
             } else {
                 IpAddr::from(key.addr)
             };
-            let (waiting, oldest) = groups
-                .get(&(st.rule_id, key.addr))
-                .copied()
-                .unwrap_or((0, u64::MAX));
+            let line = tally_of(&groups, &(st.rule_id, key.addr));
             out.push(TopGroup {
                 iface: i.att.iface.clone(),
                 rule: rule.name.clone(),
@@ -146,12 +174,8 @@ pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
                 burst: rule.burst,
                 congested: now < st.line.congested_until_ns,
                 joined_line: st.line.q_cur.saturating_add(st.line.q_prev),
-                waiting,
-                oldest_wait_s: if oldest == u64::MAX {
-                    0.0
-                } else {
-                    now.saturating_sub(oldest) as f64 / 1e9
-                },
+                waiting: u32::try_from(line.waiting).unwrap_or(u32::MAX),
+                oldest_wait_s: line.oldest_wait_s(now),
                 admitted: st.counts.admitted,
                 dropped: st.counts.dropped,
                 deferred: st.counts.deferred,
@@ -175,7 +199,7 @@ pub fn top(s: &mut State, n: usize, only: Option<&str>) -> Vec<TopGroup> {
 
 pub fn stats(s: &mut State) -> Stats {
     let lines = line(s);
-    let waiting: Vec<HashMap<u32, (u64, u64)>> =
+    let waiting: Vec<HashMap<u32, Tally>> =
         lines.iter().map(|l| line_by_rule(&l.waiting)).collect();
     let mut out = Stats::default();
     for (pos, rule) in s.policy.rules.iter().enumerate() {
@@ -196,7 +220,7 @@ pub fn stats(s: &mut State) -> Stats {
                 *v.outcomes.entry(o.name().to_string()).or_default() += c.get(o);
             }
             v.released += c.released;
-            v.waiting += w.get(&id).map_or(0, |x| x.0);
+            v.waiting += tally_of(w, &id).waiting;
             for (w, x) in wait.iter_mut().zip(c.wait.iter()) {
                 *w += x;
             }

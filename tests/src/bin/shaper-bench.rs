@@ -1,13 +1,15 @@
-//! `cargo xtask bench prog`: ns per packet of the real program under BPF_PROG_TEST_RUN,
-//! against a bare XDP_PASS program measured in the same run.
+//! `cargo xtask bench prog [--quick]`: ns per packet of the real program under
+//! BPF_PROG_TEST_RUN, against a bare XDP_PASS program measured in the same run.
 //!
 //! `cargo xtask bench scrape [--quick]`: `/metrics` of a real daemon at 10, 1,000 and
-//! 4,095 rules, and with its waiters' table full: scrape time and size.
+//! 10,000 rules, and with its waiters' table full: scrape time and size.
 //!
 //! `cargo xtask bench storm [--quick]`: the line's sweep (`shaper_tests::sweep`), real
 //! kernel clients of four stacks through `drop` and `defer`, with and without a spoofed
 //! flood; prints the table and each point's misses, and writes the figures as JSON to
 //! `target/bench/storm.json`.
+//!
+//! `cargo xtask bench all [--quick]`: each in turn (CI runs it with `--quick`).
 
 use std::{net::IpAddr, time::Duration};
 
@@ -139,7 +141,7 @@ fn main() -> Result<()> {
                         })
                         .collect::<Vec<_>>()
                 });
-            storm(args.iter().any(|a| a == "--quick"), only)
+            storm(quick, only)
         }
         "scrape" => scrape(quick),
         // Every benchmark in turn (with `--quick`: CI's smoke run of each).
@@ -152,8 +154,9 @@ fn main() -> Result<()> {
     }
 }
 
-/// `/metrics` of a real daemon in a testbed at 10, 1,000 and 10,000 rules: how long a scrape takes (the collector reads every rule's
-/// per-CPU counters then) and how big it is; then 10 rules with the waiters' table full
+/// `/metrics` of a real daemon in a testbed at 10, 1,000 and 10,000 rules: how long a
+/// scrape takes (the collector reads every rule's per-CPU counters then) and how big it
+/// is; then 10 rules with the waiters' table full
 /// (65,536 clients waiting in a `defer` line: each scrape walks them). `--quick`: 10
 /// rules, a few scrapes.
 fn scrape(quick: bool) -> Result<()> {
