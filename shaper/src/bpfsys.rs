@@ -9,8 +9,9 @@
 //!   whose interface went away is defunct; aya's `LinkInfo` has no ifindex);
 //! - find and detach another tool's links (`BPF_LINK_GET_NEXT_ID`, `GET_FD_BY_ID`,
 //!   `LINK_DETACH`);
-//! - read a whole hash map in a few calls (`BPF_MAP_LOOKUP_BATCH`; aya walks it with
-//!   two calls per entry).
+//! - read, write and delete many map entries in one call (`BPF_MAP_*_BATCH`; aya makes
+//!   one or two calls per entry, and a policy of a million rules is millions of
+//!   entries).
 //!
 //! A program's id is aya's (`Xdp::info`).
 
@@ -192,26 +193,49 @@ pub fn detach_xdp_links(ifindex: u32, prog_id: u32) -> io::Result<usize> {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
-/// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH` a few thousand at a
-/// time: its keys and its values as raw bytes, `key_size` and `value_size` bytes each,
-/// in the same order. An entry added or removed meanwhile may be missed or seen.
-pub fn hash_map_entries(
+/// Entries per batch call: bounds the buffers and how long one call holds the CPU.
+const CHUNK: usize = 65_536;
+
+/// How a map's batch position is kept between calls.
+#[derive(Clone, Copy, Debug)]
+pub enum Position {
+    /// A bucket index (hash maps).
+    Bucket,
+    /// The last key read (arrays and tries), `key_size` bytes.
+    Key,
+}
+
+/// Every entry of a map, read with `BPF_MAP_LOOKUP_BATCH` many at a time: its keys and
+/// its values as raw bytes, `key_size` and `value_size` bytes each (a per-CPU map's
+/// value is one 8-aligned value per possible CPU), in the same order. An entry added
+/// or removed meanwhile may be missed or seen.
+pub fn map_entries(
     map: BorrowedFd<'_>,
     key_size: usize,
     value_size: usize,
+    position: Position,
 ) -> io::Result<(Vec<u8>, Vec<u8>)> {
-    const CHUNK: usize = 4096;
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     let mut kbuf = vec![0u8; CHUNK * key_size];
     let mut vbuf = vec![0u8; CHUNK * value_size];
-    // Where the next call starts: a bucket index (a hash map's batch position).
-    let (mut at, mut next) = (0u64, 0u64);
-    // Bounded: each call moves past at least one bucket, and a map has at most 2^32.
+    // Where the next call starts, and where this one ended.
+    let pos_size = match position {
+        Position::Bucket => 8,
+        Position::Key => key_size.max(8),
+    };
+    let (mut at, mut next) = (
+        vec![0u64; pos_size.div_ceil(8)],
+        vec![0u64; pos_size.div_ceil(8)],
+    );
+    // Bounded: each call moves past at least one bucket or key, and a map has at most
+    // 2^32.
     for call in 0..u64::from(u32::MAX) {
         let mut a = Attr::new();
-        a.u64_at(0, if call == 0 { 0 } else { &raw const at as u64 });
-        a.u64_at(8, &raw mut next as u64);
+        a.u64_at(0, if call == 0 { 0 } else { at.as_ptr() as u64 });
+        a.u64_at(8, next.as_mut_ptr() as u64);
         a.u64_at(16, kbuf.as_mut_ptr() as u64);
         a.u64_at(24, vbuf.as_mut_ptr() as u64);
         a.u32_at(32, CHUNK as u32);
@@ -225,10 +249,67 @@ pub fn hash_map_entries(
         let n = (u32::from_ne_bytes([a.0[32], a.0[33], a.0[34], a.0[35]]) as usize).min(CHUNK);
         keys.extend_from_slice(&kbuf[..n * key_size]);
         values.extend_from_slice(&vbuf[..n * value_size]);
-        if done {
+        if done || n == 0 {
             break;
         }
-        at = next;
+        std::mem::swap(&mut at, &mut next);
     }
     Ok((keys, values))
+}
+
+/// Every entry of a hash map ([`map_entries`]).
+pub fn hash_map_entries(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    map_entries(map, key_size, value_size, Position::Bucket)
+}
+
+/// Write `count` entries with `BPF_MAP_UPDATE_BATCH`: `keys` and `values` hold them
+/// back to back (a per-CPU map's value: one 8-aligned value per possible CPU). On an
+/// error, the entries before the one refused are written.
+pub fn update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> io::Result<()> {
+    let (ks, vs) = sizes(keys.len(), values.len(), count)?;
+    for start in (0..count).step_by(CHUNK) {
+        let n = CHUNK.min(count - start);
+        let mut a = Attr::new();
+        a.u64_at(16, keys[start * ks..].as_ptr() as u64);
+        a.u64_at(24, values[start * vs..].as_ptr() as u64);
+        a.u32_at(32, n as u32);
+        a.u32_at(36, map.as_raw_fd() as u32);
+        bpf(BPF_MAP_UPDATE_BATCH, &mut a)?;
+    }
+    Ok(())
+}
+
+/// Delete `count` keys (back to back in `keys`) with `BPF_MAP_DELETE_BATCH`. A key
+/// that is not there is an error (`ENOENT`); the keys before it are deleted.
+pub fn delete_batch(map: BorrowedFd<'_>, keys: &[u8], count: usize) -> io::Result<()> {
+    let (ks, _) = sizes(keys.len(), 0, count)?;
+    for start in (0..count).step_by(CHUNK) {
+        let n = CHUNK.min(count - start);
+        let mut a = Attr::new();
+        a.u64_at(16, keys[start * ks..].as_ptr() as u64);
+        a.u32_at(32, n as u32);
+        a.u32_at(36, map.as_raw_fd() as u32);
+        bpf(BPF_MAP_DELETE_BATCH, &mut a)?;
+    }
+    Ok(())
+}
+
+/// Bytes per key and per value of `count` entries held in buffers of these lengths.
+fn sizes(keys: usize, values: usize, count: usize) -> io::Result<(usize, usize)> {
+    if count == 0 {
+        return Ok((0, 0));
+    }
+    if !keys.is_multiple_of(count) || !values.is_multiple_of(count) {
+        return Err(io::Error::other("batch buffers are not whole entries"));
+    }
+    Ok((keys / count, values / count))
 }

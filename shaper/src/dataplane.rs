@@ -1,12 +1,13 @@
 //! Loading the XDP program and writing a compiled policy into its maps.
 
 use std::collections::HashSet;
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, MapError, lpm_trie::Key},
     programs::Xdp,
 };
 use shaper_common::maps::{
@@ -15,7 +16,7 @@ use shaper_common::maps::{
     RuleBudget, RuleEntry, RuleStats, config, gen_key, key_generation,
 };
 
-use crate::{capacity::Capacity, clock, mapmem::MapMemory, policy::Compiled};
+use crate::{batch, capacity::Capacity, clock, mapmem::MapMemory, policy::Compiled};
 
 /// Byte offset of the seed in the `CONFIG` value.
 const SEED_OFFSET: usize = std::mem::offset_of!(Config, seed);
@@ -38,7 +39,15 @@ pub struct Dataplane {
     /// Places in the line released after `max_wait` that [`Dataplane::line`] cleared,
     /// by rule id (the program counts those whose client knocked after it).
     released: std::collections::HashMap<u32, u64>,
+    /// The keys each generation of the IPv4 rule trie holds, once known (read once, then
+    /// kept as written): spares reading a million entries back at every apply.
+    held_v4: Held<PrefixV4>,
+    /// Likewise for the IPv6 trie.
+    held_v6: Held<PrefixV6>,
 }
+
+/// The keys of each generation of a rule trie (`None`: not known yet).
+type Held<K> = [Option<Vec<Key<K>>>; 2];
 
 /// The `defer` lines of one data plane now: see [`Dataplane::line`].
 #[derive(Clone, Debug, Default)]
@@ -174,6 +183,8 @@ impl<'a> Loader<'a> {
             ebpf,
             capacity,
             released: std::collections::HashMap::new(),
+            held_v4: Default::default(),
+            held_v6: Default::default(),
         };
         dp.seed_groups()?;
         Ok(dp)
@@ -231,25 +242,23 @@ impl Dataplane {
         T::try_from(m).with_context(|| format!("map {name}"))
     }
 
-    /// Map `name`, typed, for writing.
-    fn map_mut<'a, T>(&'a mut self, name: &str) -> Result<T>
-    where
-        T: TryFrom<&'a mut Map, Error = MapError>,
-    {
-        let m = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing"))?;
-        T::try_from(m).with_context(|| format!("map {name}"))
+    /// The descriptor of map `name`, for batch access ([`crate::batch`]).
+    fn fd(&self, name: &str) -> Result<BorrowedFd<'_>> {
+        map_fd(&self.ebpf, name)
     }
 
     /// Each rule id's definition hash as the maps hold it (0: the id is free). Ids are
     /// stable across applies and daemon restarts: the table is pinned.
     pub fn rule_hashes(&self) -> Result<Vec<u64>> {
-        let ids: Array<&MapData, u64> = self.map(MAP_RULE_IDS)?;
-        Ok((0..self.capacity.rules)
-            .map(|i| ids.get(&i, 0).unwrap_or(0))
-            .collect())
+        let (ids, hashes) = batch::read::<u32, u64>(self.fd(MAP_RULE_IDS)?, 1)
+            .with_context(|| format!("reading {MAP_RULE_IDS}"))?;
+        let mut table = vec![0; self.capacity.rules as usize];
+        for (id, h) in ids.into_iter().zip(hashes) {
+            if let Some(t) = table.get_mut(id as usize) {
+                *t = h;
+            }
+        }
+        Ok(table)
     }
 
     /// The first step of an apply ([`crate::apply`]): clear what the `fresh` ids kept
@@ -266,8 +275,12 @@ impl Dataplane {
                 self.capacity.rules
             ));
         }
-        self.forget_rules(fresh)?;
         let epoch = self.epoch()?;
+        // Epoch 0: no policy was ever applied to these maps, so no id served a rule
+        // and there is nothing to forget (a million counters to zero, otherwise).
+        if epoch != 0 {
+            self.forget_rules(fresh)?;
+        }
         let active = (epoch & 1) as u8;
         let next = 1 - active;
         // The epoch after this one: its parity is `next`; 0 means "no policy" and is
@@ -286,14 +299,14 @@ impl Dataplane {
             .iter()
             .map(|(a, len, e)| (gen_key(next, a), len + GEN_BITS, *e))
             .collect();
-        {
-            let mut rules: Array<&mut MapData, RuleEntry> = self.map_mut(MAP_RULES)?;
-            for e in policy.by_id() {
-                rules.set(e.rule_id, e, 0)?;
-            }
-        }
-        write_generation::<PrefixV4>(&mut self.ebpf, MAP_RULES_V4, next, &v4)?;
-        write_generation::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, next, &v6)?;
+        let entries = policy.by_id();
+        let ids: Vec<u32> = entries.iter().map(|e| e.rule_id).collect();
+        batch::write(self.fd(MAP_RULES)?, &ids, entries)
+            .with_context(|| format!("writing {MAP_RULES}"))?;
+        let fd = map_fd(&self.ebpf, MAP_RULES_V4)?;
+        write_generation(fd, MAP_RULES_V4, next, &v4, &mut self.held_v4)?;
+        let fd = map_fd(&self.ebpf, MAP_RULES_V6)?;
+        write_generation(fd, MAP_RULES_V6, next, &v6, &mut self.held_v6)?;
         let protected: HashSet<u16> = policy.protected_ports.iter().copied().collect();
         self.port_bits(|port, v| {
             if protected.contains(&port) {
@@ -324,16 +337,18 @@ impl Dataplane {
     /// written.
     pub fn retire(&mut self, staged: &Staged, had: &[u64], want: &[u64]) -> Result<()> {
         let old = staged.active;
-        write_generation::<PrefixV4>(&mut self.ebpf, MAP_RULES_V4, old, &[])?;
-        write_generation::<PrefixV6>(&mut self.ebpf, MAP_RULES_V6, old, &[])?;
+        let fd = map_fd(&self.ebpf, MAP_RULES_V4)?;
+        write_generation(fd, MAP_RULES_V4, old, &[], &mut self.held_v4)?;
+        let fd = map_fd(&self.ebpf, MAP_RULES_V6)?;
+        write_generation(fd, MAP_RULES_V6, old, &[], &mut self.held_v6)?;
         self.port_bits(|_, v| v & !(1 << old))?;
-        let mut table: Array<&mut MapData, u64> = self.map_mut(MAP_RULE_IDS)?;
-        for ((id, have), want) in (0u32..).zip(had).zip(want) {
-            if have != want {
-                table.set(id, *want, 0)?;
-            }
-        }
-        Ok(())
+        let (ids, hashes): (Vec<u32>, Vec<u64>) = (0u32..)
+            .zip(had.iter().zip(want))
+            .filter(|(_, (have, want))| have != want)
+            .map(|(id, (_, want))| (id, *want))
+            .unzip();
+        batch::write(self.fd(MAP_RULE_IDS)?, &ids, &hashes)
+            .with_context(|| format!("writing {MAP_RULE_IDS}"))
     }
 
     /// Clear everything kept under rule ids about to be given to new rules: counters,
@@ -358,17 +373,24 @@ impl Dataplane {
                 let _ = tag.compare_exchange(slot.tag, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
-        if let Some(m) = self.ebpf.map_mut(MAP_WAITERS) {
-            let mut waiters = aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(m)?;
-            let stale: Vec<WaitKey> = waiters
-                .iter()
-                .filter_map(|kv| kv.ok())
-                .filter(|(_, w)| set.contains(&w.rule_id))
-                .map(|(k, _)| k)
-                .collect();
-            for k in stale {
-                let _ = waiters.remove(&k);
-            }
+        let waiters = self.fd(MAP_WAITERS)?;
+        let (keys, values) = batch::read_hash::<WaitKey, Waiter>(waiters)
+            .with_context(|| format!("reading {MAP_WAITERS}"))?;
+        let stale: Vec<WaitKey> = keys
+            .into_iter()
+            .zip(values)
+            .filter(|(_, w)| set.contains(&w.rule_id))
+            .map(|(k, _)| k)
+            .collect();
+        // One by one: a client the program admitted meanwhile is gone already, which
+        // a batch would take for an error.
+        let mut map = aya::maps::HashMap::<_, WaitKey, Waiter>::try_from(
+            self.ebpf
+                .map_mut(MAP_WAITERS)
+                .ok_or_else(|| anyhow!("map {MAP_WAITERS} missing"))?,
+        )?;
+        for k in stale {
+            let _ = map.remove(&k);
         }
         Ok(())
     }
@@ -404,36 +426,39 @@ impl Dataplane {
 
     /// Rewrite each port's generation bits with `f(port, bits)`, writing only changes.
     fn port_bits(&mut self, f: impl Fn(u16, u32) -> u32) -> Result<()> {
-        let mut ports: Array<&mut MapData, u32> = self.map_mut(MAP_PROTECTED_PORTS)?;
-        for port in 0..=u16::MAX {
-            let v = ports.get(&u32::from(port), 0)?;
-            let want = f(port, v);
-            if want != v {
-                ports.set(u32::from(port), want, 0)?;
-            }
-        }
-        Ok(())
+        let fd = self.fd(MAP_PROTECTED_PORTS)?;
+        let (ports, bits) = batch::read::<u32, u32>(fd, 1)
+            .with_context(|| format!("reading {MAP_PROTECTED_PORTS}"))?;
+        let (ports, bits): (Vec<u32>, Vec<u32>) = ports
+            .into_iter()
+            .zip(bits)
+            .filter_map(|(port, v)| {
+                let want = f(u16::try_from(port).ok()?, v);
+                (want != v).then_some((port, want))
+            })
+            .unzip();
+        batch::write(fd, &ports, &bits).with_context(|| format!("writing {MAP_PROTECTED_PORTS}"))
     }
 
     /// Reset the ceiling state and counters of rule ids (when a rule id is reused).
     pub fn reset_rules(&mut self, ids: impl IntoIterator<Item = u32>) -> Result<()> {
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let ids: Vec<u32> = ids.into_iter().collect();
-        {
-            let mut budgets: Array<&mut MapData, RuleBudget> = self.map_mut(MAP_RULE_BUDGETS)?;
-            for &id in &ids {
-                budgets.set(id, RuleBudget::default(), 0)?;
-            }
-        }
+        batch::write(
+            self.fd(MAP_RULE_BUDGETS)?,
+            &ids,
+            &vec![RuleBudget::default(); ids.len()],
+        )
+        .with_context(|| format!("writing {MAP_RULE_BUDGETS}"))?;
         for id in &ids {
             self.released.remove(id);
         }
-        let mut stats: PerCpuArray<&mut MapData, RuleStats> = self.map_mut(MAP_RULE_STATS)?;
-        for &id in &ids {
-            let zeros = aya::maps::PerCpuValues::try_from(vec![RuleStats::default(); ncpus])?;
-            stats.set(id, zeros, 0)?;
-        }
-        Ok(())
+        batch::write(
+            self.fd(MAP_RULE_STATS)?,
+            &ids,
+            &vec![RuleStats::default(); ids.len() * ncpus],
+        )
+        .with_context(|| format!("writing {MAP_RULE_STATS}"))
     }
 
     /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters
@@ -619,31 +644,60 @@ fn raise_memlock() {
     );
 }
 
-/// Make generation `g` of the trie hold exactly `entries` (keys already carry `g`);
-/// the other generation's entries are left alone.
-fn write_generation<K: aya::Pod + Eq + std::hash::Hash + AsRef<[u8]>>(
-    ebpf: &mut Ebpf,
+/// Make generation `g` of the trie `name` hold exactly `entries` (keys already carry
+/// `g`); the other generation's entries are left alone. `held`: the keys of each
+/// generation, read from the trie the first time, kept up to date. Keys are written
+/// and deleted in order: neighbours share the trie's path, which stays in cache (this
+/// halves the time of a million inserts).
+fn write_generation<K: aya::Pod + Ord + std::hash::Hash + AsRef<[u8]>>(
+    trie: BorrowedFd<'_>,
     name: &str,
     g: u8,
     entries: &[(K, u32, RuleEntry)],
+    held: &mut Held<K>,
 ) -> Result<()> {
-    let mut trie: LpmTrie<&mut MapData, K, RuleEntry> = LpmTrie::try_from(
-        ebpf.map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing"))?,
-    )?;
-    let want: HashSet<(u32, K)> = entries.iter().map(|(d, l, _)| (*l, *d)).collect();
-    let stale: Vec<Key<K>> = trie
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| key_generation(k.data().as_ref()) == Some(g))
-        .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
-        .collect();
-    for k in stale {
-        trie.remove(&k)?;
+    if held.iter().any(Option::is_none) {
+        let (keys, _) =
+            batch::read::<Key<K>, RuleEntry>(trie, 1).with_context(|| format!("reading {name}"))?;
+        for (gen_, h) in (0u8..).zip(held.iter_mut()) {
+            let of_gen = keys
+                .iter()
+                .filter(|k| key_generation(k.data().as_ref()) == Some(gen_));
+            *h = Some(of_gen.copied().collect());
+        }
     }
-    for (data, len, entry) in entries {
-        trie.insert(&Key::new(*len, *data), entry, 0)
-            .with_context(|| format!("writing {name} (is the trie full?)"))?;
-    }
+    let slot = &mut held[usize::from(g & 1)];
+    let had = slot.take().unwrap_or_default();
+    let mut stale: Vec<Key<K>> = if had.is_empty() {
+        had
+    } else {
+        let want: HashSet<(K, u32)> = entries.iter().map(|(d, l, _)| (*d, *l)).collect();
+        had.into_iter()
+            .filter(|k| !want.contains(&(k.data(), k.prefix_len())))
+            .collect()
+    };
+    stale.sort_unstable_by_key(|k| (k.data(), k.prefix_len()));
+    batch::delete(trie, &stale).with_context(|| format!("clearing {name}"))?;
+    let mut entries: Vec<&(K, u32, RuleEntry)> = entries.iter().collect();
+    entries.sort_unstable_by_key(|(d, l, _)| (*d, *l));
+    let keys: Vec<Key<K>> = entries.iter().map(|(d, l, _)| Key::new(*l, *d)).collect();
+    let values: Vec<RuleEntry> = entries.iter().map(|(_, _, e)| *e).collect();
+    batch::write(trie, &keys, &values)
+        .with_context(|| format!("writing {name} (is the trie full?)"))?;
+    *slot = Some(keys);
     Ok(())
+}
+
+/// The descriptor of map `name` of `ebpf`.
+fn map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<BorrowedFd<'a>> {
+    match ebpf.map(name) {
+        Some(
+            Map::Array(m)
+            | Map::PerCpuArray(m)
+            | Map::LpmTrie(m)
+            | Map::HashMap(m)
+            | Map::LruHashMap(m),
+        ) => Ok(m.fd().as_fd()),
+        _ => Err(anyhow!("map {name} missing")),
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod attach;
+pub mod batch;
 pub mod bpfsys;
 pub mod capacity;
 pub mod client;

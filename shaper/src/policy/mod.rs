@@ -186,7 +186,14 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
 /// FNV-1a (64 bits) of `bytes`: the policy's hash that `status` shows, and each
 /// rule's definition hash that keeps its id.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a_from(FNV_OFFSET, bytes)
+}
+
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a of `bytes` continued from `h` (the hash of the bytes before them).
+pub fn fnv1a_from(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
