@@ -33,7 +33,11 @@ pub enum ApplyError {
     #[error("{0}")]
     DoesNotFit(String),
     /// Every rule id is in use by some interface's active policy.
-    #[error("no free rule id: the data plane holds {0} rules")]
+    #[error(
+        "no free rule id: the data plane holds {0} rule ids, and a rule that changes takes \
+         a new one while the active policy keeps its old one until the switch (a policy \
+         that changes every rule needs twice its rules): raise --max-rules"
+    )]
     NoFreeId(u32),
     /// Writing the maps failed (the kernel refused an update).
     #[error("{target}: writing the policy into the maps: {source:#}")]

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, MapError, lpm_trie::Key},
+    maps::{Array, Map, MapData, MapError, lpm_trie::Key},
     programs::Xdp,
 };
 use shaper_common::maps::{
@@ -44,6 +44,10 @@ pub struct Dataplane {
     held_v4: Held<PrefixV4>,
     /// Likewise for the IPv6 trie.
     held_v6: Held<PrefixV6>,
+    /// Rule ids from this one up have served no rule since the maps were made, so they
+    /// hold no counters, groups or waiting clients: nothing to read or clear (a first
+    /// policy of a million rules would otherwise zero a million counters).
+    used_below: u32,
 }
 
 /// The keys of each generation of a rule trie (`None`: not known yet).
@@ -179,14 +183,19 @@ impl<'a> Loader<'a> {
                 verifier_hint(&e)
             )
         })?;
-        let dp = Dataplane {
+        let mut dp = Dataplane {
             ebpf,
             capacity,
             released: std::collections::HashMap::new(),
             held_v4: Default::default(),
             held_v6: Default::default(),
+            used_below: capacity.rules,
         };
         dp.seed_groups()?;
+        // Epoch 0: no policy was ever applied to these maps.
+        if dp.epoch()? == 0 {
+            dp.used_below = 0;
+        }
         Ok(dp)
     }
 }
@@ -250,6 +259,9 @@ impl Dataplane {
     /// Each rule id's definition hash as the maps hold it (0: the id is free). Ids are
     /// stable across applies and daemon restarts: the table is pinned.
     pub fn rule_hashes(&self) -> Result<Vec<u64>> {
+        if self.used_below == 0 {
+            return Ok(vec![0; self.capacity.rules as usize]);
+        }
         let (ids, hashes) = batch::read::<u32, u64>(self.fd(MAP_RULE_IDS)?, 1)
             .with_context(|| format!("reading {MAP_RULE_IDS}"))?;
         let mut table = vec![0; self.capacity.rules as usize];
@@ -275,12 +287,16 @@ impl Dataplane {
                 self.capacity.rules
             ));
         }
-        let epoch = self.epoch()?;
-        // Epoch 0: no policy was ever applied to these maps, so no id served a rule
-        // and there is nothing to forget (a million counters to zero, otherwise).
-        if epoch != 0 {
-            self.forget_rules(fresh)?;
+        let used: Vec<u32> = fresh
+            .iter()
+            .copied()
+            .filter(|&id| id < self.used_below)
+            .collect();
+        self.forget_rules(&used)?;
+        if let Some(top) = fresh.iter().max() {
+            self.used_below = self.used_below.max(top + 1);
         }
+        let epoch = self.epoch()?;
         let active = (epoch & 1) as u8;
         let next = 1 - active;
         // The epoch after this one: its parity is `next`; 0 means "no policy" and is
@@ -480,17 +496,24 @@ impl Dataplane {
                 .ok()
                 .map(|h| h.keys().count() as u64)
         });
+        // Entries of a trie: as written, once known (a scrape at a million rules would
+        // otherwise walk two million keys), else read in batches.
         let trie = |name: &str| -> Option<u64> {
-            let m = self.ebpf.map(name)?;
-            if name == MAP_RULES_V4 {
-                LpmTrie::<&MapData, PrefixV4, RuleEntry>::try_from(m)
-                    .ok()
-                    .map(|t| t.keys().count() as u64)
+            let held: Option<usize> = if name == MAP_RULES_V4 {
+                self.held_v4.iter().map(|g| g.as_ref().map(Vec::len)).sum()
             } else {
-                LpmTrie::<&MapData, PrefixV6, RuleEntry>::try_from(m)
-                    .ok()
-                    .map(|t| t.keys().count() as u64)
+                self.held_v6.iter().map(|g| g.as_ref().map(Vec::len)).sum()
+            };
+            if let Some(n) = held {
+                return Some(n as u64);
             }
+            let fd = self.fd(name).ok()?;
+            let n = if name == MAP_RULES_V4 {
+                batch::read::<Key<PrefixV4>, RuleEntry>(fd, 1).ok()?.0.len()
+            } else {
+                batch::read::<Key<PrefixV6>, RuleEntry>(fd, 1).ok()?.0.len()
+            };
+            Some(n as u64)
         };
         let c = &self.capacity;
         vec![
