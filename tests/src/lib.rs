@@ -5,6 +5,7 @@
 pub mod crowd;
 pub mod dashboard;
 pub mod flood;
+pub mod floodbench;
 pub mod http;
 pub mod netns;
 pub mod packets;

@@ -1,5 +1,14 @@
 //! `cargo xtask bench prog [--quick]`: ns per packet of the real program under
-//! BPF_PROG_TEST_RUN, against a bare XDP_PASS program measured in the same run.
+//! BPF_PROG_TEST_RUN, against a bare XDP_PASS program measured in the same run, at 10
+//! and 1,000,000 rules, from a hot source and from 65,536 /24s.
+//!
+//! `cargo xtask bench flood [--quick]`: a SYN flood's cost on the receiving CPU through
+//! shaper, nftables, iptables and a bare XDP drop (`shaper_tests::floodbench`).
+//!
+//! `cargo xtask bench scale [--quick]`: apply time and SYN cost at 10, 10,000 and
+//! 1,000,000 rules; memory per tracked group and per waiting client.
+//!
+//! `cargo xtask bench contention [--quick]`: one group from two CPUs against one.
 //!
 //! `cargo xtask bench scrape [--quick]`: `/metrics` of a real daemon at 10, 1,000 and
 //! 10,000 rules, and with its waiters' table full: scrape time and size.
@@ -48,7 +57,7 @@ fn rule_with(name: &str, prefix: &str, rate: Rate, burst: u64, action: Action) -
     })
 }
 
-/// A policy with the two measured rules plus fillers up to `n` rules.
+/// A policy with the measured rules plus fillers up to `n` rules.
 fn policy(n: usize) -> Result<Policy> {
     // Always within budget: one admission per ns, a burst of 10^12.
     let open = Rate {
@@ -84,6 +93,16 @@ fn policy(n: usize) -> Result<Policy> {
             1,
             Action::Defer,
         )?,
+        // 10/s per /24 over a /8: the cold-source cases' SYNs.
+        rule(
+            "spread",
+            "10.0.0.0/8",
+            Rate {
+                count: 10,
+                period_ns: 1_000_000_000,
+            },
+            10,
+        )?,
     ];
     let mut i = 0u32;
     while rules.len() < n {
@@ -91,7 +110,7 @@ fn policy(n: usize) -> Result<Policy> {
         let a = (i.wrapping_mul(2_654_435_761) >> 8) << 8;
         let p = IpAddr::from(a.to_be_bytes());
         i += 1;
-        if p.to_string().starts_with("198.18.") {
+        if p.to_string().starts_with("198.18.") || p.to_string().starts_with("10.") {
             continue;
         }
         rules.push(rule(
@@ -144,13 +163,21 @@ fn main() -> Result<()> {
             storm(quick, only)
         }
         "scrape" => scrape(quick),
+        "scale" => scale(quick),
+        "contention" => contention(quick),
+        "flood" => flood(quick),
         // Every benchmark in turn (with `--quick`: CI's smoke run of each).
         "all" => {
             prog(quick)?;
+            scale(quick)?;
+            contention(quick)?;
+            flood(quick)?;
             scrape(quick)?;
             storm(quick, None)
         }
-        _ => bail!("unknown benchmark `{which}` (available: prog, storm, scrape, all)"),
+        _ => bail!(
+            "unknown benchmark `{which}` (available: prog, scale, contention, flood, scrape, storm, all)"
+        ),
     }
 }
 
@@ -295,6 +322,280 @@ fn storm(quick: bool, only: Option<Vec<(f64, u32)>>) -> Result<()> {
     Ok(())
 }
 
+/// A SYN flood's cost on the receiving CPU, per filter and source kind, in
+/// alternating rounds (`shaper_tests::floodbench`).
+fn flood(quick: bool) -> Result<()> {
+    use shaper_tests::floodbench::{Bed, Filter, Round, Sources, dropped};
+    let (frames, rounds) = if quick {
+        (200_000u64, 1)
+    } else {
+        (4_000_000, 5)
+    };
+    let mut bed = Bed::new()?;
+    let mut all: Vec<Round> = Vec::new();
+    for sources in Sources::ALL {
+        for _ in 0..rounds {
+            for filter in Filter::ALL {
+                let r = bed.round(filter, sources, frames)?;
+                eprintln!(
+                    "{:>18} | {:<32} | {:>7.0} ns/pkt | received {:>8} dropped {:>8} | generator {:.2} Mpps",
+                    sources.name(),
+                    filter.name(),
+                    r.ns_per_packet,
+                    r.received,
+                    dropped(&r),
+                    r.generated_pps / 1e6
+                );
+                all.push(r);
+            }
+        }
+    }
+    println!(
+        "{frames} frames per round, {rounds} rounds of each filter in turn; ns of the receiving CPU per frame (median)\n"
+    );
+    println!(
+        "| sources | filter | ns/pkt | × bare drop | over bare (ns) | shaper cheaper by: per packet / over bare | dropped | generator |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for sources in Sources::ALL {
+        let of = |f: Filter| -> Vec<&Round> {
+            all.iter()
+                .filter(|r| r.filter == f && r.sources == sources)
+                .collect()
+        };
+        let ns = |f: Filter| median(of(f).iter().map(|r| r.ns_per_packet).collect());
+        let (bare, shaper) = (ns(Filter::BareDrop), ns(Filter::Shaper));
+        for f in Filter::ALL {
+            let rs = of(f);
+            let (rx, dr): (u64, u64) = rs
+                .iter()
+                .map(|r| (r.received, dropped(r)))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let gen_pps = median(rs.iter().map(|r| r.generated_pps).collect());
+            let cheaper = if matches!(f, Filter::Nftables | Filter::Iptables) {
+                format!(
+                    "{:.1}× / {:.1}×",
+                    ns(f) / shaper,
+                    (ns(f) - bare) / (shaper - bare)
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "| {} | {} | {:.0} | {:.2}× | {:+.0} | {cheaper} | {:.1}% | {:.2} Mpps |",
+                sources.name(),
+                f.name(),
+                ns(f),
+                ns(f) / bare,
+                ns(f) - bare,
+                100.0 * dr as f64 / rx.max(1) as f64,
+                gen_pps / 1e6
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The data plane at 10, 10,000 and 1,000,000 rules: how long a policy takes to apply
+/// (first on fresh maps, then again with every rule changed), what a SYN costs from a
+/// hot source and from 65,536 /24s (cold group table), and the maps' memory per
+/// tracked group and per waiting client. `--quick`: 10 and 10,000 rules.
+fn scale(quick: bool) -> Result<()> {
+    use shaper_common::maps::{GroupSlot, MAP_GROUPS, MAP_WAITERS};
+    let sizes: &[usize] = if quick {
+        &[10, 10_000]
+    } else {
+        &[10, 10_000, 1_000_000]
+    };
+    let (repeat, rounds) = if quick { (10_000, 3) } else { (REPEAT, ROUNDS) };
+    println!(
+        "| rules | first apply | apply with every rule changed | hot SYN, dropped: ns (over bare) | × at 10 rules | SYN from one of 65,536 /24s: ns (over bare) | groups tracked after |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut hot_at_10 = None;
+    for &n in sizes {
+        let p = policy(n)?;
+        let cap = capacity_for(n);
+        let mut h = Harness::from_policy(policy(0)?, cap)?;
+        // `from_policy` applied a small policy; measure on fresh maps of the same size.
+        h = {
+            drop(h);
+            let dp = shaper::dataplane::Loader::new().capacity(cap).load()?;
+            let mut h = Harness {
+                dp,
+                policy: p.clone(),
+                ids: Vec::new(),
+            };
+            let t = std::time::Instant::now();
+            h.apply(&p)?;
+            let first = t.elapsed();
+            let changed = with_every_rate_changed(&p);
+            let t = std::time::Instant::now();
+            h.apply(&changed)?;
+            let again = t.elapsed();
+            print!(
+                "| {n} | {:.2} s | {:.2} s ",
+                first.as_secs_f64(),
+                again.as_secs_f64()
+            );
+            h
+        };
+        let syn_drop = syn_v4([198, 18, 2, 5], 443);
+        let (mut prog_ns, mut bare_ns) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let (_, _, b) = run_prog(h.baseline()?, &syn_drop, repeat)?;
+            bare_ns.push(b);
+            prog_ns.push(h.run_repeat(&syn_drop, repeat)?.1);
+        }
+        let hot = median(prog_ns);
+        let hot_over = hot - median(bare_ns);
+        let base = *hot_at_10.get_or_insert(hot);
+        let (cold_over, cold) = cold_syn_cost(&mut h)?;
+        let groups =
+            h.dp.fill_levels(Some(0))
+                .into_iter()
+                .find(|(name, _, _)| *name == MAP_GROUPS)
+                .map_or(0, |(_, used, _)| used);
+        println!(
+            "| {hot:.0} ({hot_over:+.0}) | {:.2}× | {cold:.0} ({cold_over:+.0}) | {groups} |",
+            hot / base
+        );
+    }
+    // Memory: what the kernel charges each map, over its entries.
+    let h = Harness::from_policy(policy(0)?, Capacity::default())?;
+    println!();
+    println!("| map | entries | memory | per entry |");
+    println!("|---|---:|---:|---:|");
+    for name in [MAP_GROUPS, MAP_WAITERS] {
+        let (entries, bytes) = map_memory(&h, name)?;
+        println!(
+            "| {name} | {entries} | {:.1} MiB | {} B |",
+            bytes as f64 / f64::from(1 << 20),
+            bytes / u64::from(entries.max(1))
+        );
+    }
+    println!(
+        "\n(a group's slot is {} bytes; the table has no other per-group memory)",
+        size_of::<GroupSlot>()
+    );
+    Ok(())
+}
+
+/// Map sizes for a policy of `n` rules that may change whole (each rule's old id and
+/// each trie's old generation serve until the switch).
+fn capacity_for(n: usize) -> Capacity {
+    Capacity {
+        rules: (2 * n + 16) as u32,
+        prefixes: (2 * (n + 64)) as u32,
+        ..Capacity::default()
+    }
+}
+
+/// `p` with every rule's rate one higher: every rule a new definition.
+fn with_every_rate_changed(p: &Policy) -> Policy {
+    let mut p = p.clone();
+    for r in &mut p.rules {
+        r.rate.count += 1;
+    }
+    p
+}
+
+/// What a SYN costs from 65,536 /24s that the group table has never seen (rule
+/// `spread`), one run each: mean ns over the bare program on the same packets. Returns
+/// (over bare, shaper's own ns).
+fn cold_syn_cost(h: &mut Harness) -> Result<(f64, f64)> {
+    let (mut prog, mut bare) = (0.0, 0.0);
+    let n = 65_536u32;
+    for i in 0..n {
+        let [_, _, c, d] = i.to_be_bytes();
+        let pkt = syn_v4([10, c, d, 7], 443);
+        prog += h.run_repeat(&pkt, 1)?.1;
+        bare += run_prog(h.baseline()?, &pkt, 1)?.2;
+    }
+    let n = f64::from(n);
+    Ok(((prog - bare) / n, prog / n))
+}
+
+/// Entries and memory of map `name` (`memlock` in its fdinfo: what the kernel charges).
+fn map_memory(h: &Harness, name: &str) -> Result<(u32, u64)> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let m =
+        h.dp.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow::anyhow!("map {name} missing"))?;
+    let data = match m {
+        aya::maps::Map::Array(d) | aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
+        _ => bail!("map {name}: unexpected type"),
+    };
+    let info = data.info()?;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    let memlock = text
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((info.max_entries(), memlock))
+}
+
+/// One group hammered from both CPUs at once against from one: ns per SYN, for a SYN
+/// the budget admits (every one a compare-and-swap on the group's word) and one it
+/// refuses. `--quick`: shorter runs.
+fn contention(quick: bool) -> Result<()> {
+    use shaper_tests::progrun::pin_to_cpu;
+    let (repeat, rounds) = if quick {
+        (10_000u32, 3)
+    } else {
+        (1_000_000, 11)
+    };
+    let mut h = Harness::from_policy(policy(0)?, Capacity::default())?;
+    // Kept in the dispatcher: both threads' runs overlap instead of waiting for grace
+    // periods between them.
+    let _ns = h.keep_in_dispatcher()?;
+    let cases = [
+        (
+            "SYN admitted (one group, always within budget)",
+            syn_v4([198, 18, 1, 5], 443),
+        ),
+        (
+            "SYN dropped (one group, over budget)",
+            syn_v4([198, 18, 2, 5], 443),
+        ),
+    ];
+    println!("| case | one CPU ns/SYN | two CPUs ns/SYN | ratio |");
+    println!("|---|---:|---:|---:|");
+    let h = &h;
+    for (name, pkt) in &cases {
+        let run = |cpus: usize| -> Result<f64> {
+            let per_thread: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..cpus)
+                    .map(|cpu| {
+                        s.spawn(move || -> Result<Vec<f64>> {
+                            pin_to_cpu(cpu);
+                            let prog = h.xdp()?;
+                            (0..rounds)
+                                .map(|_| Ok(run_prog(prog, pkt, repeat)?.2))
+                                .collect()
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|j| j.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            });
+            let mut all = Vec::new();
+            for t in per_thread {
+                all.extend(t?);
+            }
+            Ok(median(all))
+        };
+        let one = run(1)?;
+        let two = run(2)?;
+        println!("| {name} | {one:.1} | {two:.1} | {:.2} |", two / one);
+    }
+    Ok(())
+}
+
 /// `quick`: a few samples of few runs (a smoke run: the figures mean little).
 fn prog(quick: bool) -> Result<()> {
     let (repeat, rounds) = if quick { (10_000, 3) } else { (REPEAT, ROUNDS) };
@@ -341,14 +642,13 @@ fn prog(quick: bool) -> Result<()> {
     println!("|---:|---|---:|---:|---:|---:|---:|");
     // `cargo xtask bench prog SUBSTRING`: only the cases whose name contains it.
     let only = std::env::args().nth(2).filter(|a| !a.starts_with("--"));
-    for n in [10usize, 100_000] {
-        let cap = Capacity {
-            rules: (n + 16) as u32,
-            // Each trie holds two generations of the policy.
-            prefixes: (2 * (n + 64)) as u32,
-            ..Capacity::default()
-        };
-        let mut h = Harness::from_policy(policy(n)?, cap)?;
+    let sizes: &[usize] = if quick {
+        &[10, 10_000]
+    } else {
+        &[10, 1_000_000]
+    };
+    for &n in sizes {
+        let mut h = Harness::from_policy(policy(n)?, capacity_for(n))?;
         let cases: [(&str, &[u8]); 7] = [
             ("established TCP, IPv4", &est4),
             ("established TCP, IPv6", &est6),
@@ -377,6 +677,15 @@ fn prog(quick: bool) -> Result<()> {
                 p / b,
                 p - b,
                 pmin - bmin
+            );
+        }
+        if only.as_deref().is_none_or(|o| "65,536".contains(o)) {
+            // One run per packet: the kernel times each, without the loop's warm cache.
+            let (over, own) = cold_syn_cost(&mut h)?;
+            println!(
+                "| {n} | SYN from one of 65,536 /24s never seen (cold group table), IPv4 | {own:.0} | {:.0} | {:.2}× | {over:+.0} | |",
+                own - over,
+                own / (own - over)
             );
         }
     }
