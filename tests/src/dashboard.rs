@@ -10,15 +10,19 @@ use plotters::prelude::*;
 
 use crate::prometheus::Prometheus;
 
-/// One panel: its title, the unit of its values, whether its scale is logarithmic, and
-/// its lines.
+/// One panel: its title, what its x axis is, the unit of its values, whether its
+/// scale is logarithmic, and its lines.
 #[derive(Clone, Debug)]
 pub struct Panel {
     pub title: &'static str,
+    pub x: &'static str,
     pub unit: &'static str,
     pub log: bool,
     pub lines: Vec<Line>,
 }
+
+/// The x axis of panels over time.
+pub const SINCE_START: &str = "seconds since the storm began";
 
 /// One line of a panel: its legend and its points (seconds since the storm began,
 /// value).
@@ -114,6 +118,7 @@ pub fn collect(prom: &Prometheus, start: f64, end: f64) -> Result<Vec<Panel>> {
             }
             Ok(Panel {
                 title: spec.title,
+                x: SINCE_START,
                 unit: spec.unit,
                 log: spec.log,
                 lines,
@@ -145,13 +150,13 @@ pub fn draw(panels: &[Panel], caption: &str, path: &Path) -> Result<()> {
         ))
         .map_err(err)?;
     }
-    let end = panels
-        .iter()
-        .flat_map(|p| &p.lines)
-        .flat_map(|l| l.points.last())
-        .map(|p| p.0)
-        .fold(1.0, f64::max);
     for (panel, area) in panels.iter().zip(body.split_evenly((2, 2))) {
+        let end = panel
+            .lines
+            .iter()
+            .flat_map(|l| l.points.last())
+            .map(|p| p.0)
+            .fold(1.0, f64::max);
         let values = || {
             panel
                 .lines
@@ -172,7 +177,7 @@ pub fn draw(panels: &[Panel], caption: &str, path: &Path) -> Result<()> {
                 let mut chart = builder.build_cartesian_2d(0.0..end, $y).map_err(err)?;
                 chart
                     .configure_mesh()
-                    .x_desc("seconds since the storm began")
+                    .x_desc(panel.x)
                     .y_desc(panel.unit)
                     .label_style(("sans-serif", 15))
                     .light_line_style(WHITE)
@@ -209,4 +214,124 @@ pub fn draw(panels: &[Panel], caption: &str, path: &Path) -> Result<()> {
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// The storm under each action side by side (`cargo xtask demo`'s chart): pupils
+/// offered (first SYNs) against pupils connected per second, with the budget; pupils
+/// waiting (started, not yet connected or given up); the wait-time distribution; and
+/// pupils connected so far. From the clients' own records, one line per action.
+pub fn compare(reports: &[crate::storm::StormReport]) -> Vec<Panel> {
+    let end = reports
+        .iter()
+        .map(|r| r.spec.deadline.as_secs_f64())
+        .fold(1.0, f64::max);
+    let seconds = (0..=end.ceil() as u32).map(f64::from);
+    let per_second = |times: &mut dyn Iterator<Item = f64>| -> Vec<(f64, f64)> {
+        let mut n = vec![0.0; end.ceil() as usize + 1];
+        for t in times {
+            if let Some(slot) = n.get_mut(t.max(0.0) as usize) {
+                *slot += 1.0;
+            }
+        }
+        n.into_iter()
+            .enumerate()
+            .map(|(i, v)| (i as f64, v))
+            .collect()
+    };
+    let mut offered = Vec::new();
+    let mut waiting = Vec::new();
+    let mut within = Vec::new();
+    let mut so_far = Vec::new();
+    if let Some(r) = reports.first() {
+        offered.push(Line {
+            legend: "offered (pupils' first SYNs)".into(),
+            points: per_second(&mut r.clients.iter().map(|c| c.started)),
+        });
+        let budget = f64::from(r.spec.rate) * r.spec.groups.len() as f64;
+        offered.push(Line {
+            legend: format!("budget ({} /24s × {}/s)", r.spec.groups.len(), r.spec.rate),
+            points: vec![(0.0, budget), (end, budget)],
+        });
+        so_far.push(Line {
+            legend: "pupils".into(),
+            points: vec![(0.0, r.clients.len() as f64), (end, r.clients.len() as f64)],
+        });
+    }
+    for r in reports {
+        let a = r.spec.action;
+        offered.push(Line {
+            legend: format!("{a}: connected"),
+            points: per_second(&mut r.clients.iter().filter_map(|c| c.connected)),
+        });
+        waiting.push(Line {
+            legend: format!("{a}: waiting"),
+            points: seconds
+                .clone()
+                .map(|t| {
+                    let n = r
+                        .clients
+                        .iter()
+                        .filter(|c| c.started <= t && c.ended.is_none_or(|e| e > t))
+                        .count();
+                    (t, n as f64)
+                })
+                .collect(),
+        });
+        let waits = r.waits();
+        let n = r.clients.len().max(1) as f64;
+        within.push(Line {
+            legend: format!("{a}: connected within"),
+            points: seconds
+                .clone()
+                .map(|t| {
+                    let k = waits.partition_point(|&w| w <= t);
+                    (t, 100.0 * k as f64 / n)
+                })
+                .collect(),
+        });
+        so_far.push(Line {
+            legend: format!("{a}: connected"),
+            points: seconds
+                .clone()
+                .map(|t| {
+                    let k = r
+                        .clients
+                        .iter()
+                        .filter(|c| c.connected.is_some_and(|at| at <= t))
+                        .count();
+                    (t, k as f64)
+                })
+                .collect(),
+        });
+    }
+    vec![
+        Panel {
+            title: "Offered vs connected (pupils per second)",
+            x: SINCE_START,
+            unit: "pupils/s",
+            log: false,
+            lines: offered,
+        },
+        Panel {
+            title: "Pupils waiting (started, not connected, not given up)",
+            x: SINCE_START,
+            unit: "pupils",
+            log: false,
+            lines: waiting,
+        },
+        Panel {
+            title: "Wait-time distribution (first SYN to connected)",
+            x: "seconds of wait",
+            unit: "% of pupils",
+            log: false,
+            lines: within,
+        },
+        Panel {
+            title: "Pupils connected so far",
+            x: SINCE_START,
+            unit: "pupils",
+            log: false,
+            lines: so_far,
+        },
+    ]
 }
