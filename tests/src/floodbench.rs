@@ -25,6 +25,7 @@ use aya::{
 };
 
 use crate::{
+    netfilter::Limiter,
     netns::Netns,
     packets::{ETH_IPV4, ETH_IPV6, SYN, ether, ipv4_tcp, ipv6_tcp},
     progrun::Harness,
@@ -124,8 +125,12 @@ impl Filter {
     }
 }
 
-/// shaper's policy: 1 SYN/s with a burst of 2 per /24 and per /64 (a quota the flood
-/// from 65,536 /24s exceeds at the rate this machine can take it in).
+/// Every filter's quota per /24 and per /64: 1 SYN/s with a burst of 2 (a quota the
+/// flood from 65,536 /24s exceeds at the rate this machine can take it in).
+const RATE: u32 = 1;
+const BURST: u32 = 2;
+
+/// shaper's policy, with that quota.
 const POLICY: &str = r#"
 [defaults]
 ipv4_group = 24
@@ -145,20 +150,6 @@ rate = 1
 burst = 2
 action = "drop"
 "#;
-
-/// nftables' equivalent (the meter's default size, as an operator would write it).
-const NFT_RULES: &str = r#"
-table netdev shaperbench {
-    chain ingress {
-        type filter hook ingress device "r0" priority 0; policy accept;
-        tcp flags & (syn | ack) == syn meter flood4 { ip saddr & 255.255.255.0 limit rate over 1/second burst 2 packets } counter drop
-        tcp flags & (syn | ack) == syn meter flood6 { ip6 saddr & ffff:ffff:ffff:ffff:: limit rate over 1/second burst 2 packets } counter drop
-    }
-}
-"#;
-
-/// iptables' equivalent, per family: (command, source mask).
-const IPT: [(&str, &str); 2] = [("iptables", "24"), ("ip6tables", "64")];
 
 /// One round: one filter, one source kind.
 #[derive(Clone, Debug)]
@@ -199,15 +190,12 @@ impl Bed {
         // `r0` reach nftables and iptables), and a threaded one runs in a kernel thread
         // of its own, pinned to a CPU of its own.
         for dev in [RX_DEV, LOOP_RX] {
-            netns_exec(&ns, &["ethtool", "-K", dev, "gro", "on"])?;
-            netns_exec(
-                &ns,
-                &[
-                    "sh",
-                    "-c",
-                    &format!("echo 1 > /sys/class/net/{dev}/threaded"),
-                ],
-            )?;
+            ns.exec(&["ethtool", "-K", dev, "gro", "on"])?;
+            ns.exec(&[
+                "sh",
+                "-c",
+                &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+            ])?;
         }
         let (gen_if, loop_if) = ns.run_in(|| (ifindex(GEN_DEV), ifindex(LOOP_TX)))?;
         let (gen_if, loop_if) = (gen_if?, loop_if?);
@@ -306,39 +294,11 @@ impl Bed {
             Filter::BareDrop => Ok(Some(attach(xdp(&mut self.generator, "flood_drop")?)?)),
             Filter::Shaper => Ok(Some(attach(self.shaper.dp.program()?)?)),
             Filter::Nftables => {
-                netns_exec_stdin(&self.ns, &["nft", "-f", "-"], NFT_RULES)?;
+                Limiter::Nftables.install(&self.ns, RX_DEV, RATE, BURST)?;
                 Ok(None)
             }
             Filter::Iptables => {
-                for (cmd, mask) in IPT {
-                    netns_exec(
-                        &self.ns,
-                        &[
-                            cmd,
-                            "-t",
-                            "raw",
-                            "-A",
-                            "PREROUTING",
-                            "-p",
-                            "tcp",
-                            "--syn",
-                            "-m",
-                            "hashlimit",
-                            "--hashlimit-above",
-                            "1/sec",
-                            "--hashlimit-burst",
-                            "2",
-                            "--hashlimit-mode",
-                            "srcip",
-                            "--hashlimit-srcmask",
-                            mask,
-                            "--hashlimit-name",
-                            &format!("flood{mask}"),
-                            "-j",
-                            "DROP",
-                        ],
-                    )?;
-                }
+                Limiter::Iptables.install(&self.ns, RX_DEV, RATE, BURST)?;
                 Ok(None)
             }
         }
@@ -352,15 +312,8 @@ impl Bed {
         match (filter, link) {
             (Filter::BareDrop, Some(l)) => xdp(&mut self.generator, "flood_drop")?.detach(l)?,
             (Filter::Shaper, Some(l)) => self.shaper.dp.program()?.detach(l)?,
-            (Filter::Nftables, _) => netns_exec(
-                &self.ns,
-                &["nft", "delete", "table", "netdev", "shaperbench"],
-            )?,
-            (Filter::Iptables, _) => {
-                for (cmd, _) in IPT {
-                    netns_exec(&self.ns, &[cmd, "-t", "raw", "-F", "PREROUTING"])?;
-                }
-            }
+            (Filter::Nftables, _) => Limiter::Nftables.remove(&self.ns)?,
+            (Filter::Iptables, _) => Limiter::Iptables.remove(&self.ns)?,
             _ => bail!("{filter:?} was not installed"),
         }
         Ok(())
@@ -377,33 +330,14 @@ impl Bed {
                 Ok(self.shaper.rule("flood4")?.counts[dropped]
                     + self.shaper.rule("flood6")?.counts[dropped])
             }
-            Filter::Nftables => {
-                let out =
-                    netns_output(&self.ns, &["nft", "list", "table", "netdev", "shaperbench"]);
-                Ok(out.map(|o| sum_after(&o, "packets ")).unwrap_or(0))
-            }
-            Filter::Iptables => {
-                let mut n = 0;
-                for (cmd, _) in IPT {
-                    let out = netns_output(
-                        &self.ns,
-                        &[cmd, "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"],
-                    )?;
-                    // Rows: pkts bytes target …; the DROP rule's first column.
-                    n += out
-                        .lines()
-                        .filter(|l| l.contains("DROP"))
-                        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-                        .sum::<u64>();
-                }
-                Ok(n)
-            }
+            Filter::Nftables => Ok(Limiter::Nftables.dropped(&self.ns)),
+            Filter::Iptables => Ok(Limiter::Iptables.dropped(&self.ns)),
         }
     }
 
     /// Frames the receiving veth has taken from its ring.
     fn received(&self) -> Result<u64> {
-        let out = netns_output(&self.ns, &["ethtool", "-S", RX_DEV])?;
+        let out = self.ns.output(&["ethtool", "-S", RX_DEV])?;
         stat(&out, "rx_queue_0_xdp_packets")
     }
 }
@@ -513,58 +447,4 @@ fn stat(out: &str, name: &str) -> Result<u64> {
             (k == name).then(|| v.trim().parse().ok())?
         })
         .ok_or_else(|| anyhow!("ethtool -S has no {name}"))
-}
-
-/// The sum of the numbers after each `word` in `text`.
-fn sum_after(text: &str, word: &str) -> u64 {
-    text.split(word)
-        .skip(1)
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
-/// `ip netns exec NS args…` (which mounts the namespace's own /sys).
-fn netns_exec(ns: &Netns, args: &[&str]) -> Result<()> {
-    netns_output(ns, args).map(|_| ())
-}
-
-fn netns_output(ns: &Netns, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .output()
-        .with_context(|| args.join(" "))?;
-    if !out.status.success() {
-        bail!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn netns_exec_stdin(ns: &Netns, args: &[&str], input: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| args.join(" "))?;
-    child
-        .stdin
-        .take()
-        .ok_or_else(|| anyhow!("no stdin"))?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }

@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod flood;
 pub mod floodbench;
 pub mod http;
+pub mod netfilter;
 pub mod netns;
 pub mod packets;
 pub mod progrun;

@@ -77,6 +77,56 @@ impl Netns {
         spawn_in(&self.path(), cmd)
     }
 
+    /// `ip netns exec NAME args…` (which mounts the namespace's own /sys); fails with
+    /// the command's error output.
+    pub fn exec(&self, args: &[&str]) -> Result<()> {
+        self.output(args).map(|_| ())
+    }
+
+    /// Likewise, returning the command's output.
+    pub fn output(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .with_context(|| args.join(" "))?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Likewise, with `input` on the command's standard input.
+    pub fn exec_stdin(&self, args: &[&str], input: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| args.join(" "))?;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow!("no stdin"))?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+
     /// Does `dev` in this namespace have an XDP program attached?
     pub fn has_xdp(&self, dev: &str) -> bool {
         has_xdp(&self.name, dev)

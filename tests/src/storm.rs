@@ -15,6 +15,7 @@ use anyhow::{Result, anyhow};
 use crate::{
     crowd::{Arrival, Attempt, Crowd},
     flood::{Flood, FloodSpec},
+    netfilter::Limiter,
     netns::Daemon,
     prometheus::{Prometheus, unix_now},
     stacks::Stack,
@@ -25,7 +26,8 @@ use crate::{
 /// One storm.
 #[derive(Clone, Debug)]
 pub struct StormSpec {
-    /// `drop` or `defer`.
+    /// shaper's `drop` or `defer`, or `nftables` or `iptables` (no daemon: the same
+    /// quota per /24 in the kernel's own filters, [`crate::netfilter`]).
     pub action: &'static str,
     /// The rule's budget per /24.
     pub rate: u32,
@@ -292,12 +294,19 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
     for ((stack, _), ns) in spec.mix.iter().zip(&namespaces) {
         emulations.push(stack.emulate(ns)?);
     }
-    let mut daemon = Daemon::start(
-        &bed.srv,
-        SERVER_DEV,
-        &policy(spec),
-        &["--stats-interval", "1"],
-    )?;
+    let limiter = limiter(spec.action);
+    let mut daemon = match limiter {
+        Some(l) => {
+            l.install(&bed.srv, SERVER_DEV, spec.rate, spec.burst)?;
+            None
+        }
+        None => Some(Daemon::start(
+            &bed.srv,
+            SERVER_DEV,
+            &policy(spec),
+            &["--stats-interval", "1"],
+        )?),
+    };
     let dst = Testbed::dst_for(IpAddr::V4(SERVER_V4.parse()?));
     let server = Server::start(&bed.srv, &[dst])?;
     let prometheus = if spec.dashboard {
@@ -344,7 +353,10 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
                 connected: crowds.iter().map(|c| c.1.connected()).sum(),
                 clients: spec.groups.iter().map(|g| g.1).sum(),
                 flood_sent: flood.as_ref().map_or(0, Flood::sent),
-                counters: parse_counters(&last_rule_line(&daemon)),
+                counters: daemon
+                    .as_ref()
+                    .map(|d| parse_counters(&last_rule_line(d)))
+                    .unwrap_or_default(),
             });
         }
     }
@@ -357,7 +369,10 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
         Some(f) => f.finish()?,
         None => 0,
     };
-    let stats = rule_stats(&daemon)?;
+    let stats = match &daemon {
+        Some(d) => rule_stats(d)?,
+        None => serde_json::Value::Null,
+    };
     let dashboard = match &prometheus {
         Some(p) => {
             // One more scrape after the last client, then the storm from its start.
@@ -371,9 +386,15 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
     drop(prometheus);
     // One more counter line after the storm, then stop the daemon.
     std::thread::sleep(Duration::from_millis(1100));
-    daemon.stop()?;
+    let counters = match (&mut daemon, limiter) {
+        (Some(d), _) => {
+            d.stop()?;
+            last_rule_line(d)
+        }
+        (None, Some(l)) => format!("dropped={}", l.dropped(&bed.srv)),
+        (None, None) => String::new(),
+    };
     drop(emulations);
-    let counters = last_rule_line(&daemon);
     let since = |i: Instant| i.saturating_duration_since(t0).as_secs_f64();
     let clients: Vec<Client> = attempts
         .iter()
@@ -411,6 +432,15 @@ pub fn run(spec: &StormSpec, mut tick: impl FnMut(&Live)) -> Result<StormReport>
         dashboard,
         elapsed,
     })
+}
+
+/// The kernel filter an action names, if it is not one of shaper's.
+pub fn limiter(action: &str) -> Option<Limiter> {
+    match action {
+        "nftables" => Some(Limiter::Nftables),
+        "iptables" => Some(Limiter::Iptables),
+        _ => None,
+    }
 }
 
 /// The storm's rule as `shaper stats -o json` gives it.
@@ -607,12 +637,12 @@ pub fn sweep_table(reports: &[StormReport]) -> String {
         .flat_map(|r| r.spec.mix.iter().map(|m| (m.0, ())))
         .collect();
     let mut s = String::from(
-        "| load | burst | action | flood SYN/s | connected | p50 wait | p99 wait | rank corr. (all / >3 SYNs) | accepted/s while waiting (budget) | most in 1 s |",
+        "| load | burst | action | flood SYN/s | connected | p50 wait | p99 wait | max wait | rank corr. (all / >3 SYNs) | accepted/s while waiting (budget) | most in 1 s |",
     );
     for st in stacks.keys() {
         s.push_str(&format!(" {} |", st.name()));
     }
-    s.push_str("\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    s.push_str("\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for _ in stacks.keys() {
         s.push_str("---:|");
     }
@@ -620,7 +650,7 @@ pub fn sweep_table(reports: &[StormReport]) -> String {
     for r in reports {
         let w = r.waits();
         s.push_str(&format!(
-            "| {:.1}× | {} | {} | {} | {}/{} | {} | {} | {:.2} / {:.2} | {:.2} ({}) | {} ({}) |",
+            "| {:.1}× | {} | {} | {} | {}/{} | {} | {} | {} | {:.2} / {:.2} | {:.2} ({}) | {} ({}) |",
             r.spec.overload(),
             r.spec.burst,
             r.spec.action,
@@ -629,6 +659,7 @@ pub fn sweep_table(reports: &[StormReport]) -> String {
             r.total(),
             secs(quantile(&w, 0.5)),
             secs(quantile(&w, 0.99)),
+            secs(quantile(&w, 1.0)),
             r.rho(),
             r.rho_knockers(),
             r.busy_rate(),

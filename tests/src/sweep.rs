@@ -3,6 +3,9 @@
 //! goals (docs/defer.md). `cargo xtask bench storm` runs the whole sweep; the
 //! end-to-end test runs a short one. The storms of one point run side by side, each
 //! in a testbed of its own.
+//!
+//! Then the same storms through nftables and iptables with the same quota
+//! ([`compare_point`]), with and without the flood: what operators run today.
 
 use std::time::Duration;
 
@@ -219,4 +222,138 @@ pub fn json(r: &PointResult) -> serde_json::Value {
         "defer_flood": r.defer_flood.as_ref().map(storm_json),
         "misses": misses(r),
     })
+}
+
+/// The modes of the side-by-side storms: shaper's two actions and what operators run
+/// today, with the same quota per /24.
+pub const MODES: [&str; 4] = ["defer", "drop", "nftables", "iptables"];
+
+/// One point's storms through every mode, without and with the spoofed flood.
+pub struct Comparison {
+    pub point: Point,
+    /// In [`MODES`] order.
+    pub calm: Vec<StormReport>,
+    /// In [`MODES`] order; empty if the flood runs were not asked for.
+    pub flooded: Vec<StormReport>,
+}
+
+/// Run `specs` at once, each in a testbed of its own.
+fn side_by_side(specs: &[StormSpec]) -> Result<Vec<StormReport>> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = specs
+            .iter()
+            .map(|sp| s.spawn(move || storm::run(sp, |_| {})))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("a storm panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    })
+}
+
+/// The storms of `p` through every mode: the four calm ones at once, then (with
+/// `flood`) the flooded ones two at a time (four floods at once would take more CPU
+/// than this machine has and slow the clients themselves).
+pub fn compare_point(p: Point, flood: bool, seed: u64) -> Result<Comparison> {
+    let specs = |f: bool| -> Vec<StormSpec> { MODES.iter().map(|m| spec(p, m, f, seed)).collect() };
+    let calm = side_by_side(&specs(false))?;
+    let mut flooded = Vec::new();
+    if flood {
+        for pair in specs(true).chunks(2) {
+            flooded.extend(side_by_side(pair)?);
+        }
+    }
+    Ok(Comparison {
+        point: p,
+        calm,
+        flooded,
+    })
+}
+
+/// The side-by-side goals: `defer` connects at least as many as every other mode (less
+/// 1%), in arrival order (the highest rank correlation of the clients that knock more
+/// than three times), never above budget, and keeps ≥ 95% of its figure under the
+/// flood. Each miss says what and by how much.
+pub fn compare_misses(c: &Comparison) -> Vec<String> {
+    let mut m = Vec::new();
+    let Some(defer) = c.calm.first() else {
+        return vec!["no storms".into()];
+    };
+    let cd = defer.connected() as f64;
+    for other in c.calm.iter().skip(1) {
+        let co = other.connected() as f64;
+        if cd < co * 0.99 {
+            m.push(format!(
+                "defer connected {cd} < {} {co} − 1%",
+                other.spec.action
+            ));
+        }
+        if defer.rho_knockers() < other.rho_knockers() {
+            m.push(format!(
+                "defer's rank correlation {:.2} < {}'s {:.2}",
+                defer.rho_knockers(),
+                other.spec.action,
+                other.rho_knockers()
+            ));
+        }
+    }
+    let cap = (defer.spec.rate + defer.spec.burst) as usize;
+    for r in std::iter::once(defer).chain(c.flooded.first()) {
+        if r.max_1s() > cap {
+            m.push(format!("defer accepted {} in 1 s > {cap}", r.max_1s()));
+        }
+    }
+    if let Some(f) = c.flooded.first()
+        && (f.connected() as f64) < 0.95 * cd
+    {
+        m.push(format!(
+            "defer under the flood {} < 95% of {cd}",
+            f.connected()
+        ));
+    }
+    m
+}
+
+/// The side-by-side storms as a Markdown table (one row per storm), each mode's share
+/// of its calm figure under the flood, and each point's misses.
+pub fn compare_table(results: &[Comparison]) -> String {
+    let reports: Vec<StormReport> = results
+        .iter()
+        .flat_map(|c| c.calm.iter().chain(&c.flooded).cloned())
+        .collect();
+    let mut s = storm::sweep_table(&reports);
+    s.push('\n');
+    for c in results {
+        let kept: Vec<String> = c
+            .calm
+            .iter()
+            .zip(&c.flooded)
+            .map(|(calm, f)| {
+                format!(
+                    "{} {:.0}%",
+                    calm.spec.action,
+                    100.0 * f.connected() as f64 / calm.connected().max(1) as f64
+                )
+            })
+            .collect();
+        let misses = compare_misses(c);
+        s.push_str(&format!(
+            "- {:.1}×, burst {}: {}{}\n",
+            c.point.overload,
+            c.point.burst,
+            if kept.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "connected under the flood, of the calm figure: {}; ",
+                    kept.join(", ")
+                )
+            },
+            if misses.is_empty() {
+                "every goal met".to_string()
+            } else {
+                misses.join("; ")
+            }
+        ));
+    }
+    s
 }

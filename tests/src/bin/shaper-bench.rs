@@ -16,7 +16,8 @@
 //! `cargo xtask bench storm [--quick]`: the line's sweep (`shaper_tests::sweep`), real
 //! kernel clients of four stacks through `drop` and `defer`, with and without a spoofed
 //! flood; prints the table and each point's misses, and writes the figures as JSON to
-//! `target/bench/storm.json`.
+//! `target/bench/storm.json`. Then the same storms side by side with nftables and
+//! iptables, with the same quota (`--side-by-side`: only those).
 //!
 //! `cargo xtask bench all [--quick]`: each in turn (CI runs it with `--quick`).
 
@@ -160,7 +161,15 @@ fn main() -> Result<()> {
                         })
                         .collect::<Vec<_>>()
                 });
-            storm(quick, only)
+            // `--side-by-side`: only the storms through nftables and iptables too.
+            if args.iter().any(|a| a == "--side-by-side") {
+                return compare(quick);
+            }
+            storm(quick, only.clone())?;
+            if only.is_none() {
+                compare(quick)?;
+            }
+            Ok(())
         }
         "scrape" => scrape(quick),
         "scale" => scale(quick),
@@ -173,7 +182,8 @@ fn main() -> Result<()> {
             contention(quick)?;
             flood(quick)?;
             scrape(quick)?;
-            storm(quick, None)
+            storm(quick, None)?;
+            compare(quick)
         }
         _ => bail!(
             "unknown benchmark `{which}` (available: prog, scale, contention, flood, scrape, storm, all)"
@@ -319,6 +329,27 @@ fn storm(quick: bool, only: Option<Vec<(f64, u32)>>) -> Result<()> {
     let path = dir.join("storm.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     println!("figures: {}", path.display());
+    Ok(())
+}
+
+/// The storm side by side with nftables and iptables: at 1.5×, 3× and 6× the budget
+/// (burst 5), without and with the flood. `--quick`: 3×, no flood.
+fn compare(quick: bool) -> Result<()> {
+    use shaper_tests::sweep::{self, Point};
+    let loads: &[f64] = if quick { &[3.0] } else { &[1.5, 3.0, 6.0] };
+    let mut results = Vec::new();
+    for &overload in loads {
+        let p = Point { overload, burst: 5 };
+        eprintln!("side by side: {overload:.1}× the budget, burst 5 …");
+        let c = sweep::compare_point(p, !quick, 1)?;
+        eprintln!("{}", sweep::compare_table(std::slice::from_ref(&c)));
+        results.push(c);
+    }
+    println!(
+        "\nSide by side: the same storms through shaper `defer` and `drop`, nftables (a meter per /24) and iptables (hashlimit per /24), {}/s with burst 5 per /24.\n",
+        sweep::RATE
+    );
+    println!("{}", sweep::compare_table(&results));
     Ok(())
 }
 
