@@ -114,6 +114,11 @@ pub struct RunArgs {
     pub metrics: MetricsAddr,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// This node's share of every rule's rate, burst and ceiling, when N servers
+    /// behind a load balancer enforce one platform's policy: `1/4`, `0.25` or `25%`
+    /// (over the policy's `[fleet]`; a DaemonSet sets it in the environment).
+    #[arg(long, value_name = "SHARE", env = "SHAPER_FLEET_SHARE", value_parser = policy::Share::parse)]
+    pub fleet_share: Option<policy::Share>,
 }
 
 /// The data plane's capacity, fixed when its maps are first made (they are pinned, so
@@ -179,6 +184,7 @@ impl From<RunArgs> for shaper::daemon::Config {
             replace: a.replace,
             metrics: a.metrics.0,
             capacity: a.limits.into(),
+            fleet_share: a.fleet_share,
         }
     }
 }

@@ -69,7 +69,14 @@ pub struct Status {
     pub config: String,
     pub generation: u64,
     pub policy_hash: String,
+    /// This node's share of the policy's quotas (`1/1`: all of them; `[fleet]`).
+    #[serde(default = "whole")]
+    pub fleet_share: String,
     pub interfaces: Vec<IfaceStatus>,
+}
+
+fn whole() -> String {
+    "1/1".to_string()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -52,9 +52,16 @@ pub fn status(r: &Response) -> String {
         return String::new();
     };
     let mut out = format!(
-        "shaper {} (pid {}), up {} s, policy generation {} (hash {}) from {}\n\n",
+        "shaper {} (pid {}), up {} s, policy generation {} (hash {}) from {}\n",
         s.version, s.pid, s.uptime_s, s.generation, s.policy_hash, s.config
     );
+    if s.fleet_share != "1/1" {
+        out.push_str(&format!(
+            "fleet share {}: every rule's rate, burst and ceiling times {}\n",
+            s.fleet_share, s.fleet_share
+        ));
+    }
+    out.push('\n');
     let mut rows = vec![vec![
         "IFACE".into(),
         "MODE".into(),

@@ -139,6 +139,21 @@ impl Drop for Netns {
     }
 }
 
+/// The capabilities the systemd unit leaves the daemon (its `CapabilityBoundingSet=`),
+/// as `setpriv --bounding-set` takes them: `-all,+bpf,+net_admin,…`.
+pub fn unit_bounding_set() -> Result<String> {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/shaper.service");
+    let text = std::fs::read_to_string(&unit).with_context(|| unit.display().to_string())?;
+    let caps: Vec<String> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .ok_or_else(|| anyhow!("{}: no CapabilityBoundingSet=", unit.display()))?
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    Ok(format!("-all,{}", caps.join(",")))
+}
+
 /// Spawn a command inside the namespace at `path` (by setns before exec, so the host's
 /// bpffs stays visible, unlike `ip netns exec`).
 pub fn spawn_in(path: &std::path::Path, cmd: &mut Command) -> Result<Child> {
@@ -224,6 +239,8 @@ pub struct Daemon {
     extra: Vec<String>,
     /// Environment variables for the daemon.
     pub env: Vec<(String, String)>,
+    /// A command the daemon runs under (`setpriv …`), if any.
+    pub wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -239,6 +256,19 @@ impl Daemon {
         policy: &str,
         extra: &[&str],
         env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        Self::start_wrapped(ns, dev, policy, extra, env, &[])
+    }
+
+    /// [`Daemon::start_env`] under `wrapper` (a command that runs the daemon, e.g.
+    /// `setpriv --bounding-set …`).
+    pub fn start_wrapped(
+        ns: &Netns,
+        dev: &str,
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
     ) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("{}-{dev}", ns.name));
         std::fs::create_dir_all(&dir)?;
@@ -258,6 +288,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         let _ = d.child.wait();
         d.spawn()?;
@@ -267,7 +298,14 @@ impl Daemon {
     /// (Re)start the daemon process with the same arguments; wait until attached and its
     /// socket answers.
     pub fn spawn(&mut self) -> Result<()> {
-        let mut cmd = Command::new(shaper_bin()?);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(shaper_bin()?);
+                c
+            }
+            None => Command::new(shaper_bin()?),
+        };
         cmd.args(["run", "--iface", &self.dev, "--config"])
             .arg(&self.config)
             .arg("--socket")

@@ -1229,6 +1229,93 @@ fn counters_agree_with_nftables_packet_for_packet() {
     }
 }
 
+/// The unit's hardening leaves the daemon five capabilities (`CapabilityBoundingSet=`)
+/// and no new privileges. Started that way (by `setpriv`, as systemd would), it loads,
+/// pins, attaches and enforces, and its `status` shows it has no others.
+#[test]
+fn the_daemon_enforces_with_only_the_units_capabilities() {
+    let bed = bed();
+    let caps = shaper_tests::netns::unit_bounding_set().expect("the unit's capabilities");
+    let d = Daemon::start_wrapped(
+        &bed.srv,
+        SERVER_DEV,
+        POLICY,
+        &[],
+        &[],
+        &["setpriv", "--bounding-set", &caps, "--no-new-privs", "--"],
+    )
+    .expect("shaper run with the unit's capabilities");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).expect("status");
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .expect("CapBnd");
+    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_SYS_RESOURCE 24, CAP_PERFMON 38, CAP_BPF
+    // 39: none other (this machine's root may lack some of these itself).
+    let unit: u64 = (1 << 12) | (1 << 21) | (1 << 24) | (1 << 38) | (1 << 39);
+    let bounding = u64::from_str_radix(bounding.trim(), 16).expect("hex");
+    assert_eq!(
+        bounding & !unit,
+        0,
+        "the daemon's bounding set {bounding:#x} has more than the unit's ({caps})"
+    );
+    let sent = flood(&bed, vec![[198, 18, 50]], 5_000, Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(300));
+    let rule = &json(&d, &["stats"])["rules"][0];
+    let (admitted, dropped) = (
+        rule["admitted"].as_u64().expect("admitted"),
+        rule["dropped"].as_u64().expect("dropped"),
+    );
+    println!("with {caps}: sent {sent}, admitted {admitted}, dropped {dropped}");
+    // 20/s and a burst of 10 for one /24, about 2 s.
+    assert!((40..=60).contains(&admitted), "{admitted} admitted");
+    assert!(dropped >= sent / 2, "{dropped} of {sent} dropped");
+}
+
+/// One node of a fleet enforces its share of every quota: the environment's
+/// `SHAPER_FLEET_SHARE=1/4` (as the DaemonSet sets it) over the file's `[fleet] nodes =
+/// 2`, then, restarted without it, the file's half. Measured with a flood from one /24
+/// for 3 s against a rule of 40/s with a burst of 40: a quarter admits 10/s + 10, a half
+/// 20/s + 20, the whole would be 160.
+#[test]
+fn a_fleet_share_scales_every_quota_end_to_end() {
+    let bed = bed();
+    let policy = "[fleet]\nnodes = 2\n\n[[rule]]\nname = \"pupils\"\nprefix = \"198.18.0.0/16\"\n\
+                  group = 24\nrate = 40\nburst = 40\naction = \"drop\"\n";
+    let mut d = Daemon::start_env(
+        &bed.srv,
+        SERVER_DEV,
+        policy,
+        &[],
+        &[("SHAPER_FLEET_SHARE", "1/4")],
+    )
+    .expect("shaper run");
+    let dur = Duration::from_secs(3);
+    for (share, per_s, net) in [("1/4", 10.0, 41u8), ("1/2", 20.0, 42)] {
+        let status = json(&d, &["status"]);
+        assert_eq!(status["fleet_share"], share, "{status}");
+        let before = admitted(&d);
+        let t = Instant::now();
+        let sent = flood(&bed, vec![[198, 18, net]], 2_000, dur);
+        let secs = t.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(300));
+        let got = (admitted(&d) - before) as f64;
+        // The rule's budget at this share over the flood's time, with 10% for the
+        // flood's own start and end.
+        let want = per_s * dur.as_secs_f64() + per_s;
+        println!("share {share}: sent {sent} in {secs:.2} s, admitted {got} (budget {want})");
+        assert!(sent >= 4_000, "the flood sent {sent}");
+        assert!(
+            (want * 0.9..=per_s * secs + per_s).contains(&got),
+            "share {share}: admitted {got}, want {want}"
+        );
+        // Restart without the environment: the file's `[fleet]` applies.
+        d.stop().expect("stop");
+        d.env.clear();
+        d.spawn().expect("restart");
+    }
+}
+
 /// A server, and `rate` attempts a second for `dur` from one pupil (198.18.9.10); 40 a
 /// second is more than `POLICY` lets through.
 fn pupils_storm(bed: &Testbed, rate: u32, dur: Duration) -> (Server, shaper_tests::tcp::Storm) {

@@ -50,6 +50,90 @@ fn the_unit_file_verifies_without_a_warning() {
     );
 }
 
+/// `systemd-analyze security` rates the unit's sandbox (capabilities, system calls,
+/// file system, namespaces) from the file alone; 2.5 or better is "OK". The daemon runs
+/// under the unit's capabilities in the daemon tests (`the_daemon_enforces_with_only_the_units_capabilities`).
+#[test]
+fn the_unit_is_hardened_to_an_exposure_of_2_5_or_better() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(root.join("packaging/shaper.service"))
+        .output()
+        .expect("systemd-analyze (Debian's systemd package; `cargo xtask setup` installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for shaper.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {text}"));
+    println!("systemd-analyze security: exposure {exposure}");
+    assert!(exposure <= 2.5, "exposure {exposure} > 2.5:\n{text}");
+}
+
+/// deploy/kubernetes/: every manifest the kustomization lists, and only those, passes
+/// the Kubernetes 1.31 schemas (strict: an unknown field is an error), and a manifest
+/// with a misspelt field fails them (the check can fail). The DaemonSet keeps the unit's
+/// capabilities, not a privileged container.
+#[test]
+fn the_kubernetes_manifests_validate_against_the_schemas() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let kustomization =
+        std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization");
+    let listed: Vec<String> = kustomization
+        .lines()
+        .skip_while(|l| !l.starts_with("resources:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  - "))
+        .map(|l| l.trim_start_matches("  - ").trim().to_string())
+        .collect();
+    let mut present: Vec<String> = std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    present.sort();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, present, "the kustomization lists every manifest");
+    let validate = |files: &[std::path::PathBuf]| {
+        Command::new("kubernetes-validate")
+            .args(["--strict", "-k", "1.31.0"])
+            .args(files)
+            .output()
+            .expect("kubernetes-validate (PyPI; `cargo xtask setup` installs it)")
+    };
+    let files: Vec<_> = listed.iter().map(|f| dir.join(f)).collect();
+    let out = validate(&files);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    println!("{said}");
+    assert!(out.status.success(), "kubernetes-validate: {said}");
+    assert_eq!(said.matches(" passed for resource ").count(), 5, "{said}");
+    let daemonset = std::fs::read_to_string(dir.join("daemonset.yaml")).expect("daemonset");
+    let broken = std::env::temp_dir().join(format!("shaper-ds-{}.yaml", std::process::id()));
+    std::fs::write(&broken, daemonset.replace("hostNetwork:", "hostNetwrk:")).expect("copy");
+    let out = validate(std::slice::from_ref(&broken));
+    let _ = std::fs::remove_file(&broken);
+    assert!(
+        !out.status.success(),
+        "a misspelt field passed the schema check"
+    );
+    // The unit's capabilities, by the container's names.
+    let caps = shaper_tests::netns::unit_bounding_set().expect("unit");
+    let want: Vec<String> = caps
+        .split(',')
+        .skip(1)
+        .map(|c| format!("\"{}\"", c.trim_start_matches('+').to_uppercase()))
+        .collect();
+    let add = daemonset
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .expect("capabilities add");
+    assert_eq!(add.trim_end_matches(']'), want.join(", "));
+    assert!(daemonset.contains("privileged: false"));
+}
+
 #[test]
 fn every_man_page_the_pages_name_is_written() {
     let bin = shaper_bin().expect("shaper binary");

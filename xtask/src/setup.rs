@@ -34,6 +34,24 @@ pub fn setup() -> Result<()> {
     nightly()?;
     packages()?;
     bpf_linker()?;
+    python()?;
+    Ok(())
+}
+
+/// Python tools from PyPI, pinned: the Kubernetes schema validator (offline: it carries
+/// the schemas) that checks deploy/kubernetes/.
+const PYTHON: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validate==1.31.0")];
+
+fn python() -> Result<()> {
+    for (cmd, pkg) in PYTHON {
+        if output(cmd, &["--version"]).is_some() {
+            continue;
+        }
+        run(
+            Command::new("python3").args(["-m", "pip", "install", "-q", pkg]),
+            &format!("installing {pkg} (PyPI)"),
+        )?;
+    }
     Ok(())
 }
 

@@ -33,7 +33,9 @@ use crate::{
     apply::{self, Target},
     attach::{self, Mode},
     dataplane::Loader,
-    pins, protocol,
+    pins,
+    policy::Share,
+    protocol,
 };
 
 /// How the daemon runs (`shaper run`'s flags).
@@ -57,6 +59,8 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// The data plane's map sizes.
     pub capacity: crate::capacity::Capacity,
+    /// This node's share of the quotas (`--fleet-share`), over the file's `[fleet]`.
+    pub fleet_share: Option<Share>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -71,6 +75,9 @@ pub fn run(cfg: Config) -> Result<()> {
             "{e}\nthe policy is invalid; nothing was loaded (check it with `shaper policy check`)"
         )
     })?;
+    // This node's share of the quotas: the flag's, else the file's `[fleet]`.
+    let share = cfg.fleet_share.or(policy.fleet).unwrap_or(Share::WHOLE);
+    let policy = policy.shared(share);
     // Before anything is loaded or pinned: maps made at a size the policy does not fit
     // would have to be removed before a start with larger limits could use them.
     cfg.capacity
@@ -136,6 +143,7 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         tracing::info!(
             rules = policy.rules.len(),
+            fleet_share = %share,
             config = %cfg.config.display(),
             hash = %hash,
             "enforcing"
@@ -149,6 +157,8 @@ pub fn run(cfg: Config) -> Result<()> {
             hash,
             generation: 1,
             config: cfg.config.clone(),
+            fleet_override: cfg.fleet_share,
+            share,
             started: Instant::now(),
             applied_at: std::time::SystemTime::now(),
             last_reload: None,

@@ -23,6 +23,7 @@ pub fn status(s: &State) -> Status {
         config: s.config.display().to_string(),
         generation: s.generation,
         policy_hash: s.hash.clone(),
+        fleet_share: s.share.to_string(),
         interfaces: s
             .ifaces
             .iter()

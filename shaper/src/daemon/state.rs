@@ -12,7 +12,7 @@ use crate::{
     apply::{self, ApplyError, Target},
     attach::Attachment,
     dataplane::Dataplane,
-    policy::Policy,
+    policy::{Policy, Share},
     protocol,
 };
 
@@ -34,6 +34,10 @@ pub struct State {
     pub hash: String,
     pub generation: u64,
     pub config: PathBuf,
+    /// `shaper run --fleet-share`, which overrides a policy's `[fleet]`.
+    pub fleet_override: Option<Share>,
+    /// This node's share of the quotas in force (the policy above is already scaled).
+    pub share: Share,
     /// Hash of the config file's content when last read: a change of the file (not a
     /// `policy apply` from elsewhere) triggers a reload.
     pub file_hash: String,
@@ -55,6 +59,8 @@ impl State {
         force: bool,
     ) -> Result<(u64, String), ApplyError> {
         let policy = apply::prepare(file, text, ssh_client, force)?;
+        let share = self.fleet_override.or(policy.fleet).unwrap_or(Share::WHOLE);
+        let policy = policy.shared(share);
         for w in &policy.warnings {
             tracing::warn!("{}", w.warning());
         }
@@ -68,6 +74,7 @@ impl State {
             .collect();
         self.ids = apply::apply(&mut targets, &policy)?;
         self.policy = policy;
+        self.share = share;
         self.source = text.to_string();
         self.hash = protocol::policy_hash(text);
         self.generation += 1;

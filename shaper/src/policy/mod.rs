@@ -5,6 +5,9 @@
 
 mod cidr;
 mod compile;
+mod fleet;
+
+pub use fleet::Share;
 mod raw;
 mod validate;
 
@@ -109,6 +112,9 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     pub protected_prefixes: Vec<Prefix>,
     pub protected_ports: Vec<u16>,
+    /// `[fleet]`: this node's share of the quotas, as the file gives it (the daemon
+    /// enforces [`Policy::shared`]; `shaper run --fleet-share` overrides it).
+    pub fleet: Option<Share>,
     /// Valid, but likely not what was meant (`policy check` prints them, the daemon
     /// logs them).
     #[serde(skip)]

@@ -12,6 +12,16 @@ pub struct RawPolicy {
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RawRule>>,
     pub protect: Option<Spanned<RawProtect>>,
+    pub fleet: Option<Spanned<RawFleet>>,
+}
+
+/// `[fleet]`: this node's share of the platform's quotas, by node count or fraction.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    pub nodes: Option<Spanned<i64>>,
+    /// A fraction: 0.25, "1/4" or "25%".
+    pub share: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]

@@ -239,3 +239,53 @@ fn probe_blocks_with_a_prefix_inside_are_not_cached() {
     assert_eq!(e.rule_id, 0);
     assert_ne!(e.flags & shaper_common::maps::rule_flags::NO_CACHE, 0);
 }
+
+#[test]
+fn fleet_gives_this_nodes_share_of_every_quota() {
+    let p = parse("p.toml", &format!("{GOOD}\n[fleet]\nnodes = 4\n")).expect("valid");
+    assert_eq!(p.fleet, Some(Share { num: 1, den: 4 }));
+    let s = p.shared(Share { num: 1, den: 4 });
+    let everyone = &s.rules[0];
+    // 20/s and a burst of 40 and a ceiling of 2000/s, a quarter each.
+    assert_eq!(everyone.rate.per_second_ceil(), 5);
+    assert_eq!(everyone.burst, 10);
+    assert_eq!(everyone.ceiling.map(Rate::per_second_ceil), Some(500));
+    // 1200/min is 20/s: 5/s.
+    assert_eq!(s.rules[1].rate.per_second_ceil(), 5);
+    for share in ["0.25", "\"1/4\"", "\"25%\""] {
+        let p = parse("p.toml", &format!("{GOOD}\n[fleet]\nshare = {share}\n")).expect(share);
+        assert_eq!(p.fleet, Some(Share { num: 1, den: 4 }), "{share}");
+    }
+}
+
+#[test]
+fn a_bad_fleet_table_names_its_place() {
+    let head = format!("{GOOD}\n[fleet]\n");
+    // The line of the table's first key, and of its second.
+    let (first, second) = (head.lines().count() + 1, head.lines().count() + 2);
+    for (fleet, want) in [
+        (
+            "nodes = 0",
+            format!("p.toml:{first}:9: nodes = 0: must be 1..=1000000"),
+        ),
+        (
+            "nodes = -2",
+            format!("p.toml:{first}:9: nodes = -2: must be 1..=1000000"),
+        ),
+        (
+            "share = 1.5",
+            format!("p.toml:{first}:9: `1.5`: a share is a fraction in (0, 1]"),
+        ),
+        (
+            "share = \"2/1\"",
+            format!("p.toml:{first}:9: `2/1`: a share is a fraction in (0, 1]"),
+        ),
+        (
+            "nodes = 2\nshare = 0.5",
+            format!("p.toml:{second}:9: [fleet] takes `nodes` or `share`, not both"),
+        ),
+    ] {
+        let e = errs(&format!("{head}{fleet}\n"));
+        assert!(e.iter().any(|m| m.starts_with(&want)), "{fleet}: {e:?}");
+    }
+}

@@ -5,8 +5,8 @@ use std::{collections::HashMap, net::IpAddr, time::Duration};
 use toml::Spanned;
 
 use super::{
-    Action, Policy, PolicyError, PolicyErrors, Prefix, Rate, Rule,
-    raw::{RawDefaults, RawPolicy, RawProtect, RawRule, error_at},
+    Action, Policy, PolicyError, PolicyErrors, Prefix, Rate, Rule, Share,
+    raw::{RawDefaults, RawFleet, RawPolicy, RawProtect, RawRule, error_at},
 };
 
 /// Most rules a policy may hold at all (the largest `--max-rules`; what a data plane
@@ -91,6 +91,7 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
         }
     }
     let (protected_prefixes, protected_ports) = protect(&mut c, raw.protect.as_ref());
+    let fleet = fleet(&mut c, raw.fleet.as_ref());
     if !rules.is_empty() && !rules.iter().any(|r| matches!(r.prefix.addr, IpAddr::V6(_))) {
         c.warn_at(
             0,
@@ -103,6 +104,7 @@ pub fn validate(file: &str, text: &str, raw: RawPolicy) -> Result<Policy, Policy
             rules,
             protected_prefixes,
             protected_ports,
+            fleet,
             warnings: c.warnings,
         })
     } else {
@@ -375,6 +377,37 @@ fn protect(c: &mut Checker<'_>, raw: Option<&Spanned<RawProtect>>) -> (Vec<Prefi
         }
     }
     (prefixes, ports)
+}
+
+/// `[fleet]`: `nodes = N` or `share = 0.25` ("1/4", "25%"), not both.
+fn fleet(c: &mut Checker<'_>, raw: Option<&Spanned<RawFleet>>) -> Option<Share> {
+    let f = raw?;
+    match (&f.get_ref().nodes, &f.get_ref().share) {
+        (Some(_), Some(share)) => {
+            c.err(share, "[fleet] takes `nodes` or `share`, not both");
+            None
+        }
+        (Some(n), None) => match u64::try_from(*n.get_ref()).map_err(|_| String::new()) {
+            Ok(nodes) => Share::of_nodes(nodes).map_err(|e| c.err(n, e)).ok(),
+            Err(_) => {
+                c.err(n, format!("nodes = {}: must be 1..=1000000", n.get_ref()));
+                None
+            }
+        },
+        (None, Some(share)) => {
+            let text = match share.get_ref() {
+                toml::Value::Float(x) => x.to_string(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::String(s) => s.clone(),
+                _ => String::new(),
+            };
+            Share::parse(&text).map_err(|e| c.err(share, e)).ok()
+        }
+        (None, None) => {
+            c.err(f, "[fleet] needs `nodes = N` or `share = 0.25`");
+            None
+        }
+    }
 }
 
 fn group_len(c: &mut Checker<'_>, g: &Spanned<i64>, max: u8, field: &str) -> Option<u8> {

@@ -128,6 +128,7 @@ fn policy(n: usize) -> Result<Policy> {
         rules,
         protected_prefixes: vec![],
         protected_ports: vec![22],
+        fleet: None,
         warnings: vec![],
     })
 }
