@@ -30,6 +30,18 @@ pub const SINCE_START: &str = "seconds since the storm began";
 pub struct Line {
     pub legend: String,
     pub points: Vec<(f64, f64)>,
+    /// Its colour, where lines of several panels must match (else by its place).
+    pub color: Option<RGBColor>,
+}
+
+/// The colour of an action's lines (and of the offered load and the budget).
+fn action_color(action: &str) -> RGBColor {
+    match action {
+        "drop" => RGBColor(214, 39, 40),
+        "defer" => RGBColor(31, 119, 180),
+        "budget" => RGBColor(44, 160, 44),
+        _ => RGBColor(90, 90, 90),
+    }
 }
 
 /// What a panel shows: (legend, PromQL) per line; `{map}` in a legend is replaced by
@@ -106,6 +118,7 @@ pub fn collect(prom: &Prometheus, start: f64, end: f64) -> Result<Vec<Panel>> {
                 for s in prom.query_range(q, start, end, 1.0)? {
                     let map = s.labels["map"].as_str().unwrap_or_default();
                     lines.push(Line {
+                        color: None,
                         legend: legend.replace("{map}", map),
                         points: s
                             .points
@@ -184,7 +197,9 @@ pub fn draw(panels: &[Panel], caption: &str, path: &Path) -> Result<()> {
                     .draw()
                     .map_err(err)?;
                 for (i, line) in panel.lines.iter().enumerate() {
-                    let color = Palette99::pick(i).to_rgba();
+                    let color = line
+                        .color
+                        .map_or_else(|| Palette99::pick(i).to_rgba(), |c| c.to_rgba());
                     chart
                         .draw_series(LineSeries::new(
                             line.points.iter().copied(),
@@ -244,15 +259,18 @@ pub fn compare(reports: &[crate::storm::StormReport]) -> Vec<Panel> {
     let mut so_far = Vec::new();
     if let Some(r) = reports.first() {
         offered.push(Line {
+            color: Some(action_color("offered")),
             legend: "offered (pupils' first SYNs)".into(),
             points: per_second(&mut r.clients.iter().map(|c| c.started)),
         });
         let budget = f64::from(r.spec.rate) * r.spec.groups.len() as f64;
         offered.push(Line {
+            color: Some(action_color("budget")),
             legend: format!("budget ({} /24s × {}/s)", r.spec.groups.len(), r.spec.rate),
             points: vec![(0.0, budget), (end, budget)],
         });
         so_far.push(Line {
+            color: Some(action_color("pupils")),
             legend: "pupils".into(),
             points: vec![(0.0, r.clients.len() as f64), (end, r.clients.len() as f64)],
         });
@@ -260,10 +278,12 @@ pub fn compare(reports: &[crate::storm::StormReport]) -> Vec<Panel> {
     for r in reports {
         let a = r.spec.action;
         offered.push(Line {
+            color: Some(action_color(a)),
             legend: format!("{a}: connected"),
             points: per_second(&mut r.clients.iter().filter_map(|c| c.connected)),
         });
         waiting.push(Line {
+            color: Some(action_color(a)),
             legend: format!("{a}: waiting"),
             points: seconds
                 .clone()
@@ -280,6 +300,7 @@ pub fn compare(reports: &[crate::storm::StormReport]) -> Vec<Panel> {
         let waits = r.waits();
         let n = r.clients.len().max(1) as f64;
         within.push(Line {
+            color: Some(action_color(a)),
             legend: format!("{a}: connected within"),
             points: seconds
                 .clone()
@@ -290,6 +311,7 @@ pub fn compare(reports: &[crate::storm::StormReport]) -> Vec<Panel> {
                 .collect(),
         });
         so_far.push(Line {
+            color: Some(action_color(a)),
             legend: format!("{a}: connected"),
             points: seconds
                 .clone()
