@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | lint`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | lint | package`.
 //!
 //! Orchestration only: every task runs set-up first, which installs what a fresh
 //! machine lacks (rust-src for nightly, LLVM 22 dev packages, bpf-linker, the network
 //! tools the tests use) and says clearly what it cannot do.
 
+mod package;
 mod setup;
 
 use std::process::Command;
@@ -25,9 +26,11 @@ enum Task {
     /// Set up, build, run the host tests and the privileged (BPF, netns) tests.
     Test,
     /// Benchmarks: `prog` (ns per packet under BPF_PROG_TEST_RUN, against a bare
-    /// program), `storm` (the waiting line's sweep of real-client storms, ~17 min),
-    /// `scrape` (`/metrics` time and size at 10 to 10,000 rules), `all` (each in turn;
-    /// CI runs `all --quick`).
+    /// program), `scale` (a million rules), `contention` (one group from two CPUs),
+    /// `flood` (a flood's cost next to nftables and iptables), `storm` (the waiting
+    /// line's sweep of real-client storms, then side by side with nftables and
+    /// iptables, ~32 min), `scrape` (`/metrics` time and size at 10 to 10,000 rules),
+    /// `all` (each in turn; CI runs `all --quick`).
     Bench {
         #[arg(default_value = "prog")]
         which: String,
@@ -44,6 +47,17 @@ enum Task {
     Demo,
     /// cargo fmt --check and cargo clippy -D warnings.
     Lint,
+    /// The Debian package (cargo-deb) in target/package/: the binary, the unit, man
+    /// pages, completions, docs, a monitor-only policy as a conffile.
+    Package {
+        /// Build a static binary (musl) and package that; prints its size.
+        #[arg(long = "static")]
+        static_binary: bool,
+        /// Install the package into a fresh Debian 12 root (debootstrap, chroot) and
+        /// run it there.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -106,6 +120,13 @@ fn main() -> Result<()> {
             setup::setup()?;
             lint()
         }
+        Task::Package {
+            static_binary,
+            check,
+        } => {
+            setup::setup()?;
+            package::package(static_binary, check)
+        }
     }
 }
 
@@ -114,7 +135,7 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     cargo_env(args, &[])
 }
 
-fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let root = workspace_root();
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
@@ -128,7 +149,7 @@ fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(std::path::Path::to_path_buf)
