@@ -86,15 +86,7 @@ pub fn run_point(p: Point, flood: bool, seed: u64) -> Result<PointResult> {
         .filter(|&(_, f)| flood || !f)
         .map(|(a, f)| spec(p, a, f, seed))
         .collect();
-    let mut out: Vec<StormReport> = std::thread::scope(|s| {
-        let hs: Vec<_> = specs
-            .iter()
-            .map(|sp| s.spawn(move || storm::run(sp, |_| {})))
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().map_err(|_| anyhow!("a storm panicked"))?)
-            .collect::<Result<Vec<_>>>()
-    })?;
+    let mut out = side_by_side(&specs)?;
     let defer_flood = if flood { out.pop() } else { None };
     let defer = out.pop().ok_or_else(|| anyhow!("no defer storm"))?;
     let drop = out.pop().ok_or_else(|| anyhow!("no drop storm"))?;

@@ -3,8 +3,9 @@
 //! `--static`, musl), the systemd unit (running /usr/bin/shaper), a man page per
 //! command, shell completions. `--check` installs the package into a fresh Debian 12
 //! root (debootstrap, then `dpkg -i` in a chroot), runs the binary there, checks the
-//! package's file list and conffiles, and runs the daemon tests that load, attach and
-//! enforce with the packaged binary.
+//! package's file list and conffiles, boots that root's systemd in a container to run
+//! the installed unit (tests/tests/systemd.rs), and runs the daemon tests that load,
+//! attach and enforce with the packaged binary.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, workspace_root};
+use crate::{cargo, setup::run, workspace_root};
 
 /// The cargo-deb release the package is built with.
 const CARGO_DEB: &str = "3.6.0";
@@ -169,11 +170,28 @@ fn install_check(deb: &Path) -> Result<()> {
             "installing debootstrap",
         )?;
     }
+    if Command::new("systemd-nspawn")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "systemd-container"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            "installing systemd-container",
+        )?;
+    }
     let chroot = std::env::temp_dir().join(format!("shaper-deb12-{}", std::process::id()));
     let _guard = Remove(chroot.clone());
+    // With systemd, so that the root also boots (the unit's test below).
     run(
         Command::new("debootstrap")
-            .args(["--variant=minbase", "bookworm"])
+            .args([
+                "--variant=minbase",
+                "--include=systemd,systemd-sysv,dbus,iproute2",
+                "bookworm",
+            ])
             .arg(&chroot)
             .arg("http://deb.debian.org/debian"),
         "debootstrap of Debian 12 (about a minute)",
@@ -200,7 +218,20 @@ fn install_check(deb: &Path) -> Result<()> {
         version.trim(),
         checked.trim()
     );
-    Ok(())
+    // The installed unit under the root's own systemd, booted in a container.
+    crate::cargo_env(
+        &[
+            "test",
+            "--release",
+            "-p",
+            "shaper-tests",
+            "--test",
+            "systemd",
+            "--",
+            "--ignored",
+        ],
+        &[("SHAPER_DEB_ROOT", &chroot.to_string_lossy())],
+    )
 }
 
 /// Removes a directory tree when dropped (the chroot, even on an error).
@@ -210,16 +241,6 @@ impl Drop for Remove {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("{what}: cannot start"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
 }
 
 /// Does `cmd` succeed and print `needle`?

@@ -62,8 +62,8 @@ fn output(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    eprintln!("setup: {what}");
+pub fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("xtask: {what}");
     let status = cmd
         .status()
         .with_context(|| format!("{what}: cannot start"))?;
