@@ -79,6 +79,30 @@ impl Testbed {
     }
 
     /// The server veth's MAC address.
+    /// Raw first SYNs from the client namespace to the server's port, `per_second` for
+    /// `dur`, from random sources of `nets` in turn; returns how many were sent.
+    pub fn flood(
+        &self,
+        nets: Vec<[u8; 3]>,
+        per_second: u32,
+        dur: std::time::Duration,
+    ) -> Result<u64> {
+        let f = crate::flood::Flood::start(
+            &self.cli,
+            "c0",
+            crate::flood::FloodSpec {
+                nets,
+                dst: SERVER_V4.parse()?,
+                dport: PORT,
+                dst_mac: self.server_mac()?,
+                per_second,
+                max: dur,
+            },
+        )?;
+        std::thread::sleep(dur);
+        f.finish()
+    }
+
     pub fn server_mac(&self) -> Result<[u8; 6]> {
         let out = std::process::Command::new("ip")
             .args([

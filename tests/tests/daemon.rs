@@ -11,7 +11,6 @@ use std::{
 };
 
 use shaper_tests::{
-    flood::{Flood, FloodSpec},
     netns::{Daemon, Netns, shaper_bin},
     prometheus::{self, Prometheus},
     tcp::{Bulk, Server, storm},
@@ -1113,24 +1112,8 @@ fn sample(text: &str, series: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-/// Raw first SYNs from the client namespace to the server's port, `per_second` for
-/// `dur`, from random sources of `nets` in turn; returns how many were sent.
 fn flood(bed: &Testbed, nets: Vec<[u8; 3]>, per_second: u32, dur: Duration) -> u64 {
-    let f = Flood::start(
-        &bed.cli,
-        "c0",
-        FloodSpec {
-            nets,
-            dst: SERVER_V4.parse().expect("address"),
-            dport: PORT,
-            dst_mac: bed.server_mac().expect("server MAC"),
-            per_second,
-            max: dur,
-        },
-    )
-    .expect("flood");
-    std::thread::sleep(dur);
-    f.finish().expect("flood")
+    bed.flood(nets, per_second, dur).expect("flood")
 }
 
 /// An nftables table in `ns` with one counter of the SYNs to the server's port, on

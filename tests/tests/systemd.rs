@@ -16,9 +16,8 @@ use std::{
 };
 
 use shaper_tests::{
-    flood::{Flood, FloodSpec},
     netns::Netns,
-    testbed::{PORT, SERVER_DEV, SERVER_V4, Testbed},
+    testbed::{SERVER_DEV, Testbed},
 };
 
 /// Where the daemon pins, on the host's bpffs (the container shares it): a root of
@@ -118,25 +117,6 @@ impl Drop for Container {
     }
 }
 
-/// SYNs from random sources of `net` at `per_second` for `dur`; how many were sent.
-fn flood(bed: &Testbed, net: [u8; 3], per_second: u32, dur: Duration) -> u64 {
-    let f = Flood::start(
-        &bed.cli,
-        "c0",
-        FloodSpec {
-            nets: vec![net],
-            dst: SERVER_V4.parse().expect("address"),
-            dport: PORT,
-            dst_mac: bed.server_mac().expect("server MAC"),
-            per_second,
-            max: dur,
-        },
-    )
-    .expect("flood");
-    std::thread::sleep(dur);
-    f.finish().expect("flood")
-}
-
 fn policy(rate: u32) -> String {
     format!(
         "[[rule]]\nname = \"pupils\"\nprefix = \"198.18.0.0/16\"\ngroup = 24\nrate = {rate}\n\
@@ -178,7 +158,9 @@ fn the_hardened_unit_loads_attaches_and_enforces_under_systemd() {
     println!("under systemd: {status}");
 
     // It enforces: 20/s and a burst of 10 for one /24, about 2 s.
-    let sent = flood(&bed, [198, 18, 70], 5_000, Duration::from_secs(2));
+    let sent = bed
+        .flood(vec![[198, 18, 70]], 5_000, Duration::from_secs(2))
+        .expect("flood");
     std::thread::sleep(Duration::from_millis(300));
     let rule = &c.json(&["stats"])["rules"][0];
     let (admitted, dropped) = (

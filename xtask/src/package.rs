@@ -137,20 +137,13 @@ pub fn package(static_binary: bool, check: bool) -> Result<()> {
         install_check(&deb)?;
         // The packaged binary itself loads, attaches and enforces (in a testbed of
         // network namespaces), also under the unit's capabilities.
-        crate::cargo_env(
+        tests(
+            "daemon",
             &[
-                "test",
-                "--release",
-                "-p",
-                "shaper-tests",
-                "--test",
-                "daemon",
-                "--",
-                "--test-threads=1",
                 "counters_agree_with_nftables_packet_for_packet",
                 "the_daemon_enforces_with_only_the_units_capabilities",
             ],
-            &[("SHAPER_BIN", &bin.to_string_lossy())],
+            ("SHAPER_BIN", &bin),
         )?;
     }
     Ok(())
@@ -219,19 +212,24 @@ fn install_check(deb: &Path) -> Result<()> {
         checked.trim()
     );
     // The installed unit under the root's own systemd, booted in a container.
-    crate::cargo_env(
-        &[
-            "test",
-            "--release",
-            "-p",
-            "shaper-tests",
-            "--test",
-            "systemd",
-            "--",
-            "--ignored",
-        ],
-        &[("SHAPER_DEB_ROOT", &chroot.to_string_lossy())],
-    )
+    tests("systemd", &["--ignored"], ("SHAPER_DEB_ROOT", &chroot))
+}
+
+/// Run the privileged test file `file` (one test at a time), with `args` after `--`
+/// and the environment variable `env` naming a path.
+fn tests(file: &str, args: &[&str], env: (&str, &Path)) -> Result<()> {
+    let mut all = vec![
+        "test",
+        "--release",
+        "-p",
+        "shaper-tests",
+        "--test",
+        file,
+        "--",
+        "--test-threads=1",
+    ];
+    all.extend_from_slice(args);
+    crate::cargo_env(&all, &[(env.0, &env.1.to_string_lossy())])
 }
 
 /// Removes a directory tree when dropped (the chroot, even on an error).
