@@ -12,8 +12,8 @@ use aya::{
 };
 use shaper_common::maps::{
     Config, GEN_BITS, MAP_CONFIG, MAP_PROTECTED_PORTS, MAP_RULE_BUDGETS, MAP_RULE_IDS,
-    MAP_RULE_STATS, MAP_RULES, MAP_RULES_V4, MAP_RULES_V6, PROGRAM_NAME, PrefixV4, PrefixV6,
-    RuleBudget, RuleEntry, RuleStats, config, gen_key, key_generation,
+    MAP_RULE_STATS, MAP_RULES, MAP_RULES_V4, MAP_RULES_V6, MAP_WAITERS, PROGRAM_NAME, PrefixV4,
+    PrefixV6, RuleBudget, RuleEntry, RuleStats, WaitKey, Waiter, config, gen_key, key_generation,
 };
 
 use crate::{batch, capacity::Capacity, clock, mapmem::MapMemory, policy::Compiled};
@@ -65,7 +65,7 @@ pub struct Line {
 /// A client waiting in a `defer` line now.
 #[derive(Clone, Copy, Debug)]
 pub struct Waiting {
-    pub key: shaper_common::maps::WaitKey,
+    pub key: WaitKey,
     pub rule_id: u32,
     pub first_seen_ns: u64,
 }
@@ -164,7 +164,7 @@ impl<'a> Loader<'a> {
             .map_max_entries(MAP_RULES_V4, capacity.prefixes)
             .map_max_entries(MAP_RULES_V6, capacity.prefixes)
             .map_max_entries(shaper_common::maps::MAP_GROUPS, capacity.groups)
-            .map_max_entries(shaper_common::maps::MAP_WAITERS, capacity.waiters)
+            .map_max_entries(MAP_WAITERS, capacity.waiters)
             .map_max_entries(shaper_common::maps::MAP_LINES, capacity.lines);
         if let Some(dir) = dir {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -370,7 +370,7 @@ impl Dataplane {
     /// Clear everything kept under rule ids about to be given to new rules: counters,
     /// ceiling, groups, waiting clients.
     fn forget_rules(&mut self, ids: &[u32]) -> Result<()> {
-        use shaper_common::maps::{GroupSlot, MAP_GROUPS, MAP_WAITERS, WaitKey, Waiter};
+        use shaper_common::maps::{GroupSlot, MAP_GROUPS};
         use shaper_common::table;
         use std::sync::atomic::Ordering;
         if ids.is_empty() {
@@ -389,12 +389,9 @@ impl Dataplane {
                 let _ = tag.compare_exchange(slot.tag, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
-        let waiters = self.fd(MAP_WAITERS)?;
-        let (keys, values) = batch::read_hash::<WaitKey, Waiter>(waiters)
-            .with_context(|| format!("reading {MAP_WAITERS}"))?;
-        let stale: Vec<WaitKey> = keys
+        let stale: Vec<WaitKey> = self
+            .waiters()?
             .into_iter()
-            .zip(values)
             .filter(|(_, w)| set.contains(&w.rule_id))
             .map(|(k, _)| k)
             .collect();
@@ -480,7 +477,7 @@ impl Dataplane {
     /// Entries in use and capacity of the maps that fill up: rule tries, groups, waiters
     /// (`waiters`: their count if the caller just read the table, [`Line::entries`]).
     pub fn fill_levels(&self, waiters: Option<u64>) -> Vec<(&'static str, u64, u64)> {
-        use shaper_common::maps::{LineKey, MAP_GROUPS, MAP_LINES, MAP_WAITERS};
+        use shaper_common::maps::{LineKey, MAP_GROUPS, MAP_LINES};
         // Slots holding a group (or probe entry): their tags, one word each.
         let groups = MapMemory::new(&self.ebpf, MAP_GROUPS).map_or(0, |m| {
             (0..m.entries())
@@ -490,7 +487,7 @@ impl Dataplane {
                 })
                 .count() as u64
         });
-        let waiters = waiters.unwrap_or_else(|| self.waiters().len() as u64);
+        let waiters = waiters.unwrap_or_else(|| self.waiters().map_or(0, |w| w.len() as u64));
         let lines = self.ebpf.map(MAP_LINES).and_then(|m| {
             aya::maps::HashMap::<_, LineKey, shaper_common::line::Calendar>::try_from(m)
                 .ok()
@@ -548,31 +545,12 @@ impl Dataplane {
         Ok(c)
     }
 
-    /// Every entry of the waiters' table (empty if it cannot be read), in a few system
-    /// calls: a scrape reads it whole, and it holds up to 65,536 clients.
-    fn waiters(&self) -> Vec<(shaper_common::maps::WaitKey, shaper_common::maps::Waiter)> {
-        use shaper_common::maps::{MAP_WAITERS, WaitKey, Waiter};
-        use std::os::fd::AsFd as _;
-        let Some(Map::LruHashMap(m)) = self.ebpf.map(MAP_WAITERS) else {
-            return Vec::new();
-        };
-        let (ks, vs) = (size_of::<WaitKey>(), size_of::<Waiter>());
-        let Ok((keys, values)) = crate::bpfsys::hash_map_entries(m.fd().as_fd(), ks, vs) else {
-            return Vec::new();
-        };
-        keys.chunks_exact(ks)
-            .zip(values.chunks_exact(vs))
-            .map(|(k, v)| {
-                // SAFETY: each chunk is one whole key or value of these plain-integer
-                // `repr(C)` types, copied by the kernel; read unaligned from the buffer.
-                unsafe {
-                    (
-                        std::ptr::read_unaligned(k.as_ptr().cast::<WaitKey>()),
-                        std::ptr::read_unaligned(v.as_ptr().cast::<Waiter>()),
-                    )
-                }
-            })
-            .collect()
+    /// Every entry of the waiters' table, in a few system calls: a scrape reads it
+    /// whole, and it holds up to 65,536 clients.
+    fn waiters(&self) -> Result<Vec<(WaitKey, Waiter)>> {
+        let (keys, values) = batch::read_hash::<WaitKey, Waiter>(self.fd(MAP_WAITERS)?)
+            .with_context(|| format!("reading {MAP_WAITERS}"))?;
+        Ok(keys.into_iter().zip(values).collect())
     }
 
     /// The clients waiting in the `defer` lines now. A place whose `max_wait` has
@@ -583,10 +561,9 @@ impl Dataplane {
     /// `max_wait` finds no place and gets what `drop` would give it, as it would with
     /// its place released at that knock.)
     pub fn line(&mut self, now: u64, max_wait_ns: impl Fn(u32) -> Option<u64>) -> Line {
-        use shaper_common::maps::{MAP_WAITERS, WaitKey, Waiter};
         let mut live = Vec::new();
         let mut expired = Vec::new();
-        let all = self.waiters();
+        let all = self.waiters().unwrap_or_default();
         let mut entries = all.len() as u64;
         for (key, w) in all {
             let Some(max_wait) = max_wait_ns(w.rule_id) else {
