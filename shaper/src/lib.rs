@@ -21,7 +21,8 @@ pub mod protocol;
 /// The XDP program, built by `build.rs` from `shaper-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shaper"));
 
-/// The benchmarks' programs (`flood_gen`, a SYN generator, and `flood_drop`, a bare
-/// `XDP_DROP`), built with the XDP program from `shaper-ebpf/src/benchgen.rs`. The
-/// daemon never loads them (and the `shaper` binary does not link them in).
+/// The benchmarks' programs (`flood_fan` and `flood_src`, an in-kernel SYN generator,
+/// and `flood_drop`, a bare `XDP_DROP`), built with the XDP program from
+/// `shaper-ebpf/src/benchgen.rs`. The daemon never loads them (and the `shaper` binary
+/// does not link them in).
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/benchgen"));

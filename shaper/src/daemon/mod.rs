@@ -75,9 +75,7 @@ pub fn run(cfg: Config) -> Result<()> {
             "{e}\nthe policy is invalid; nothing was loaded (check it with `shaper policy check`)"
         )
     })?;
-    // This node's share of the quotas: the flag's, else the file's `[fleet]`.
-    let share = cfg.fleet_share.or(policy.fleet).unwrap_or(Share::WHOLE);
-    let policy = policy.shared(share);
+    let (policy, share) = policy.for_node(cfg.fleet_share);
     // Before anything is loaded or pinned: maps made at a size the policy does not fit
     // would have to be removed before a start with larger limits could use them.
     cfg.capacity

@@ -59,8 +59,7 @@ impl State {
         force: bool,
     ) -> Result<(u64, String), ApplyError> {
         let policy = apply::prepare(file, text, ssh_client, force)?;
-        let share = self.fleet_override.or(policy.fleet).unwrap_or(Share::WHOLE);
-        let policy = policy.shared(share);
+        let (policy, share) = policy.for_node(self.fleet_override);
         for w in &policy.warnings {
             tracing::warn!("{}", w.warning());
         }

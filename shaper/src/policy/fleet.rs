@@ -119,6 +119,13 @@ fn gcd128(a: u128, b: u128) -> u128 {
 }
 
 impl Policy {
+    /// What this node enforces, and its share: `over` (`shaper run --fleet-share`),
+    /// else the policy's `[fleet]`, else the whole quota.
+    pub fn for_node(&self, over: Option<Share>) -> (Policy, Share) {
+        let share = over.or(self.fleet).unwrap_or(Share::WHOLE);
+        (self.shared(share), share)
+    }
+
     /// This policy as one node of a fleet enforces it: every rule's rate, burst and
     /// ceiling times `share` (bursts rounded, at least 1).
     pub fn shared(&self, share: Share) -> Policy {

@@ -387,13 +387,11 @@ fn fleet(c: &mut Checker<'_>, raw: Option<&Spanned<RawFleet>>) -> Option<Share> 
             c.err(share, "[fleet] takes `nodes` or `share`, not both");
             None
         }
-        (Some(n), None) => match u64::try_from(*n.get_ref()).map_err(|_| String::new()) {
-            Ok(nodes) => Share::of_nodes(nodes).map_err(|e| c.err(n, e)).ok(),
-            Err(_) => {
-                c.err(n, format!("nodes = {}: must be 1..=1000000", n.get_ref()));
-                None
-            }
-        },
+        (Some(n), None) => u64::try_from(*n.get_ref())
+            .map_err(|_| format!("nodes = {}: must be 1..=1000000", n.get_ref()))
+            .and_then(Share::of_nodes)
+            .map_err(|e| c.err(n, e))
+            .ok(),
         (None, Some(share)) => {
             let text = match share.get_ref() {
                 toml::Value::Float(x) => x.to_string(),
