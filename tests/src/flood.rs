@@ -40,13 +40,13 @@ impl Flood {
     /// Start flooding from `dev` inside `ns`.
     pub fn start(ns: &Netns, dev: &str, spec: FloodSpec) -> Result<Flood> {
         let path = ns.path();
-        let dev = std::ffi::CString::new(dev)?;
+        let dev = dev.to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (s2, n2) = (stop.clone(), sent.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || -> Result<()> {
-            let sock = match open(&path, &dev) {
+            let sock = match enter(&path).and_then(|()| Raw::new(&dev, spec.dst_mac)) {
                 Ok(v) => {
                     let _ = tx.send(Ok(()));
                     v
@@ -93,41 +93,56 @@ impl Drop for Flood {
     }
 }
 
-/// A raw socket on `dev`, plus its link-layer address to send to.
-struct Raw {
+/// A raw socket (AF_PACKET) on one interface of the calling thread's namespace, with
+/// the link-layer address its frames go to.
+pub struct Raw {
     fd: std::os::fd::OwnedFd,
-    ifindex: i32,
+    to: libc::sockaddr_ll,
 }
 
-fn open(path: &std::path::Path, dev: &std::ffi::CStr) -> Result<Raw> {
-    use std::os::fd::FromRawFd as _;
-    enter(path)?;
-    // SAFETY: plain syscalls; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
+impl Raw {
+    /// On `dev` of the calling thread's namespace, to `dst_mac`.
+    pub fn new(dev: &str, dst_mac: [u8; 6]) -> Result<Raw> {
+        use std::os::fd::FromRawFd as _;
+        let ifindex = crate::netns::ifindex(dev)?;
+        // SAFETY: plain syscalls; the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: zeroed sockaddr_ll is valid; the fields that matter are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = i32::try_from(ifindex)?;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&dst_mac);
+        Ok(Raw { fd, to })
     }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `dev` is a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface {dev:?} in the namespace");
+
+    /// Send one frame.
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: `frame` and `self.to` are valid for the lengths given.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const self.to).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
-    Ok(Raw {
-        fd,
-        ifindex: ifindex as i32,
-    })
 }
 
 fn send_loop(raw: &Raw, spec: &FloodSpec, stop: &AtomicBool, sent: &AtomicU64) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: zeroed sockaddr_ll is valid; the fields that matter are set below.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_ifindex = raw.ifindex;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&spec.dst_mac);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
     let mut frame = template(spec);
     let start = Instant::now();
@@ -146,24 +161,12 @@ fn send_loop(raw: &Raw, spec: &FloodSpec, stop: &AtomicBool, sent: &AtomicU64) -
             frame[IP + 12..IP + 15].copy_from_slice(net);
         }
         randomize(&mut frame, rng);
-        // SAFETY: `frame` and `to` are valid for the lengths given.
-        let rc = unsafe {
-            libc::sendto(
-                raw.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOBUFS) {
-                return Err(e.into());
+        match raw.send(&frame) {
+            Ok(()) => {
+                sent.fetch_add(1, Ordering::Relaxed);
             }
-        } else {
-            sent.fetch_add(1, Ordering::Relaxed);
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+            Err(e) => return Err(e.into()),
         }
         n += 1;
     }

@@ -15,7 +15,7 @@
 //! burst of 2, so nearly every flood SYN is dropped, and the drops each filter counts
 //! itself are reported too.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -25,10 +25,11 @@ use aya::{
 };
 
 use crate::{
+    flood::Raw,
     netfilter::Limiter,
-    netns::Netns,
+    netns::{Netns, ifindex},
     packets::{ETH_IPV4, ETH_IPV6, SYN, ether, ipv4_tcp, ipv6_tcp},
-    progrun::Harness,
+    progrun::{Harness, pin_thread},
 };
 
 /// The generator's veth and the receiving one (whose MAC the frames are sent to).
@@ -101,26 +102,23 @@ pub enum Filter {
     BareDrop,
     /// shaper's program with a `drop` rule per family.
     Shaper,
-    /// nftables, netdev ingress, a meter per /24 (/64).
-    Nftables,
-    /// iptables raw PREROUTING, hashlimit per /24 (ip6tables: /64).
-    Iptables,
+    /// nftables or iptables, set up by [`crate::netfilter`].
+    Kernel(Limiter),
 }
 
 impl Filter {
     pub const ALL: [Filter; 4] = [
         Filter::BareDrop,
         Filter::Shaper,
-        Filter::Nftables,
-        Filter::Iptables,
+        Filter::Kernel(Limiter::Nftables),
+        Filter::Kernel(Limiter::Iptables),
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Filter::BareDrop => "bare XDP drop",
             Filter::Shaper => "shaper (XDP, drop)",
-            Filter::Nftables => "nftables meter (netdev ingress)",
-            Filter::Iptables => "iptables hashlimit (raw)",
+            Filter::Kernel(l) => l.name(),
         }
     }
 }
@@ -224,7 +222,7 @@ impl Bed {
         // The link lives as long as the program (the namespace goes first).
         crate::netns::run_in_path(&path, || fan_prog.attach(LOOP_RX, XdpMode::Driver))?
             .map_err(|e| anyhow!("attaching the generator to {LOOP_RX}: {e}"))?;
-        pin_thread(napi_thread(LOOP_RX)?, 0)?;
+        pin_thread(napi_thread(LOOP_RX)?, 0).context("pinning the generator's NAPI thread")?;
         let shaper = Harness::new(POLICY)?;
         Ok(Bed {
             ns,
@@ -238,7 +236,7 @@ impl Bed {
         let before = self.filter_dropped(filter)?;
         let attached = self.install(filter)?;
         let pid = napi_thread(RX_DEV)?;
-        pin_thread(pid, 1)?;
+        pin_thread(pid, 1).context("pinning the receiver's NAPI thread")?;
         let (rx0, cpu0) = (self.received()?, schedstat_ns(pid)?);
         let broadcasts = frames / u64::from(FAN - 1);
         let elapsed = self.generate(sources, broadcasts)?;
@@ -270,7 +268,13 @@ impl Bed {
         ctl.set(0, broadcasts, 0)?;
         let t = std::time::Instant::now();
         let frame = sources.template();
-        self.ns.run_in(|| inject(LOOP_TX, &frame, IN_LOOP))??;
+        self.ns.run_in(|| -> Result<()> {
+            let raw = Raw::new(LOOP_TX, [0; 6])?;
+            for _ in 0..IN_LOOP {
+                raw.send(&frame).context("injecting into the loop")?;
+            }
+            Ok(())
+        })??;
         // Bounded: the loop makes tens of thousands of broadcasts a second.
         let deadline = t + Duration::from_secs(120);
         while ctl.get(&0, 0)? > 0 {
@@ -293,12 +297,8 @@ impl Bed {
         match filter {
             Filter::BareDrop => Ok(Some(attach(xdp(&mut self.generator, "flood_drop")?)?)),
             Filter::Shaper => Ok(Some(attach(self.shaper.dp.program()?)?)),
-            Filter::Nftables => {
-                Limiter::Nftables.install(&self.ns, RX_DEV, RATE, BURST)?;
-                Ok(None)
-            }
-            Filter::Iptables => {
-                Limiter::Iptables.install(&self.ns, RX_DEV, RATE, BURST)?;
+            Filter::Kernel(l) => {
+                l.install(&self.ns, RX_DEV, RATE, BURST)?;
                 Ok(None)
             }
         }
@@ -312,8 +312,7 @@ impl Bed {
         match (filter, link) {
             (Filter::BareDrop, Some(l)) => xdp(&mut self.generator, "flood_drop")?.detach(l)?,
             (Filter::Shaper, Some(l)) => self.shaper.dp.program()?.detach(l)?,
-            (Filter::Nftables, _) => Limiter::Nftables.remove(&self.ns)?,
-            (Filter::Iptables, _) => Limiter::Iptables.remove(&self.ns)?,
+            (Filter::Kernel(l), _) => l.remove(&self.ns)?,
             _ => bail!("{filter:?} was not installed"),
         }
         Ok(())
@@ -330,8 +329,7 @@ impl Bed {
                 Ok(self.shaper.rule("flood4")?.counts[dropped]
                     + self.shaper.rule("flood6")?.counts[dropped])
             }
-            Filter::Nftables => Ok(Limiter::Nftables.dropped(&self.ns)),
-            Filter::Iptables => Ok(Limiter::Iptables.dropped(&self.ns)),
+            Filter::Kernel(l) => Ok(l.dropped(&self.ns)),
         }
     }
 
@@ -358,50 +356,6 @@ fn xdp<'a>(e: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .map_err(|e| anyhow!("{name}: {e}"))
 }
 
-/// The index of `dev` in the calling thread's namespace.
-fn ifindex(dev: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(dev)?;
-    // SAFETY: a valid C string.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => bail!("no interface {dev}"),
-        i => Ok(i),
-    }
-}
-
-/// Send `frame` `n` times on `dev` (AF_PACKET, in the calling thread's namespace).
-fn inject(dev: &str, frame: &[u8], n: usize) -> Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    // SAFETY: plain syscalls; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: a zeroed sockaddr_ll is valid; the fields that matter are set below.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_ifindex = ifindex(dev)? as i32;
-    to.sll_halen = 6;
-    for _ in 0..n {
-        // SAFETY: `frame` and `to` are valid for the lengths given.
-        let rc = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const to).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error()).context("injecting into the loop");
-        }
-    }
-    Ok(())
-}
-
 /// The NAPI thread of veth `dev` (`napi/DEV-ID`).
 fn napi_thread(dev: &str) -> Result<u32> {
     let prefix = format!("napi/{dev}-");
@@ -417,17 +371,6 @@ fn napi_thread(dev: &str) -> Result<u32> {
         }
     }
     bail!("no NAPI thread for {dev} (threaded NAPI needs Linux 5.12 or later)")
-}
-
-fn pin_thread(pid: u32, cpu: usize) -> Result<()> {
-    let st = Command::new("taskset")
-        .args(["-p", "-c", &cpu.to_string(), &pid.to_string()])
-        .output()
-        .context("taskset")?;
-    if !st.status.success() {
-        bail!("taskset: {}", String::from_utf8_lossy(&st.stderr));
-    }
-    Ok(())
 }
 
 /// A thread's run time so far (ns).

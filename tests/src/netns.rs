@@ -80,42 +80,38 @@ impl Netns {
     /// `ip netns exec NAME args…` (which mounts the namespace's own /sys); fails with
     /// the command's error output.
     pub fn exec(&self, args: &[&str]) -> Result<()> {
-        self.output(args).map(|_| ())
+        self.command(args, None).map(|_| ())
     }
 
     /// Likewise, returning the command's output.
     pub fn output(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .output()
-            .with_context(|| args.join(" "))?;
-        if !out.status.success() {
-            return Err(anyhow!(
-                "{}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.command(args, None)
     }
 
     /// Likewise, with `input` on the command's standard input.
     pub fn exec_stdin(&self, args: &[&str], input: &str) -> Result<()> {
+        self.command(args, Some(input)).map(|_| ())
+    }
+
+    /// `ip netns exec NAME args…` with `input` (if any) on its standard input; its
+    /// output, or an error with its error output.
+    fn command(&self, args: &[&str], input: Option<&str>) -> Result<String> {
         use std::io::Write as _;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.name])
             .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| args.join(" "))?;
-        child
-            .stdin
-            .take()
-            .ok_or_else(|| anyhow!("no stdin"))?
-            .write_all(input.as_bytes())?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(text.as_bytes())?;
+        }
         let out = child.wait_with_output()?;
         if !out.status.success() {
             return Err(anyhow!(
@@ -124,7 +120,7 @@ impl Netns {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Does `dev` in this namespace have an XDP program attached?
@@ -152,6 +148,16 @@ pub fn unit_bounding_set() -> Result<String> {
         .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
         .collect();
     Ok(format!("-all,{}", caps.join(",")))
+}
+
+/// The index of interface `dev` in the calling thread's namespace.
+pub fn ifindex(dev: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(dev)?;
+    // SAFETY: a valid C string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => bail!("no interface {dev} in the namespace"),
+        i => Ok(i),
+    }
 }
 
 /// Spawn a command inside the namespace at `path` (by setns before exec, so the host's

@@ -134,12 +134,21 @@ impl Harness {
 
 /// Keep the calling thread on `cpu` (threads that must run on two CPUs at once).
 pub fn pin_to_cpu(cpu: usize) {
+    let _ = pin_thread(0, cpu);
+}
+
+/// Keep thread `tid` (0: the calling one) on `cpu`.
+pub fn pin_thread(tid: u32, cpu: usize) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    unsafe {
+    let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(tid as libc::pid_t, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// BPF_PROG_TEST_RUN on `prog`.

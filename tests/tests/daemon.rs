@@ -1123,35 +1123,15 @@ fn nft_syn_counter(ns: &Netns, hook: &str, dev: &str) {
         "table netdev shaper_test {{ chain c {{ type filter hook {hook} device {dev} priority 0; \
          ip daddr {SERVER_V4} tcp dport {PORT} tcp flags & (syn | ack) == syn counter; }}; }}"
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().expect("stdin").write_all(rules.as_bytes())?;
-            c.wait_with_output()
-        })
+    ns.exec_stdin(&["nft", "-f", "-"], &rules)
         .expect("nft (cargo xtask setup installs Debian's nftables)");
-    assert!(out.status.success(), "nft: {out:?}");
 }
 
 /// The packets the counter of [`nft_syn_counter`] in `ns` counted.
 fn nft_count(ns: &Netns) -> u64 {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "nft",
-            "list",
-            "table",
-            "netdev",
-            "shaper_test",
-        ])
-        .output()
+    let text = ns
+        .output(&["nft", "list", "table", "netdev", "shaper_test"])
         .expect("nft list");
-    let text = String::from_utf8_lossy(&out.stdout);
     text.split("packets ")
         .nth(1)
         .and_then(|t| t.split_whitespace().next())

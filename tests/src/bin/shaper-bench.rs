@@ -404,7 +404,7 @@ fn flood(quick: bool) -> Result<()> {
                 .map(|r| (r.received, dropped(r)))
                 .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
             let gen_pps = median(rs.iter().map(|r| r.generated_pps).collect());
-            let cheaper = if matches!(f, Filter::Nftables | Filter::Iptables) {
+            let cheaper = if matches!(f, Filter::Kernel(_)) {
                 format!(
                     "{:.1}× / {:.1}×",
                     ns(f) / shaper,
